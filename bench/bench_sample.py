@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Benchmark Euler sampling: this package (jitted) against eager PyTorch, same run.
+
+    python bench/bench_sample.py                       # CPU: tiny + small configs, vs PyTorch
+    python bench/bench_sample.py --xl-compile          # + XL sampler compile time (depth 28 vs 4)
+    python bench/bench_sample.py --configs configs/pixelflow_xl_c2i.yaml --batch 16 \
+        --dtype bfloat16 --no-torch                    # XL on a GPU
+
+Each measurement runs in its own process (so peak memory is that implementation's
+alone) with the same normal-scale random weights and the same injected noise.
+The PyTorch baseline is tests/torch_reference.py (float32, eager), which follows
+the official pipeline: with guidance it doubles the batch at every stage.
+Reported: compile time, steady-state seconds per image (median of --repeats
+batches), images/s, peak host RSS (CPU) or peak device memory (GPU), and the
+relative difference between the two implementations' outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+DEFAULT_CONFIGS = ["configs/pixelflow_tiny_c2i.yaml", "configs/pixelflow_small_c2i.yaml"]
+
+
+def make_noise(batch: int, resolutions: list[int], channels: int, seed: int):
+    """Block-structured noise in NumPy (NCHW), identical for both implementations."""
+    import numpy as np
+
+    from pixelflow_jax.noise import block_noise_factor
+    rng = np.random.default_rng(seed)
+    L = block_noise_factor(-1 / 3)
+    init = rng.standard_normal((batch, channels, resolutions[0], resolutions[0]), np.float32)
+    blocks = []
+    for r in resolutions[1:]:
+        z = rng.standard_normal((batch, channels, r // 2, r // 2, 4), np.float32) @ L.T
+        blocks.append(z.reshape(batch, channels, r // 2, r // 2, 2, 2)
+                      .transpose(0, 1, 2, 4, 3, 5).reshape(batch, channels, r, r))
+    return init, blocks
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(args) -> dict:
+    import numpy as np
+
+    from pixelflow_jax.config import load_config
+    from pixelflow_jax.random_weights import normal_scale_state_dict
+    from pixelflow_jax.scheduler import schedule_from_config
+
+    cfg = load_config(os.path.join(ROOT, args.config))
+    p, R = cfg.params, cfg.data.resolution
+    schedule = schedule_from_config(cfg.scheduler)
+    resolutions = list(schedule.stage_resolutions(R, p.patch_size))
+    sd = normal_scale_state_dict(p, seed=0)
+    init, blocks = make_noise(args.batch, resolutions, p.in_channels, seed=1)
+    labels = np.arange(args.batch) % p.num_classes
+    times = []
+    if args.worker == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        from pixelflow_jax.checkpoint import model_from_tree
+        from pixelflow_jax.convert import official_to_nnx
+        from pixelflow_jax.noise import CascadeNoise
+        from pixelflow_jax.runtime import compute_dtype
+        from pixelflow_jax.sampling import Sampler
+
+        model = model_from_tree(official_to_nnx(sd, p), cfg, dtype=compute_dtype(args.dtype))
+        del sd
+        sampler = Sampler(model, schedule, R)
+        nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
+        noise = CascadeNoise(nhwc(init), tuple(nhwc(b) for b in blocks))
+        run = lambda: jax.block_until_ready(sampler.generate_from_noise(
+            noise, labels=labels, steps=args.steps, guidance=args.cfg))
+        run()
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            out = run()
+            times.append(time.perf_counter() - start)
+        out = np.asarray(out).transpose(0, 3, 1, 2)
+        compile_s = sampler.compile_seconds[0]
+        device = jax.devices()[0]
+        stats = device.memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use", 0) / 2 ** 20 if device.platform == "gpu" \
+            else peak_rss_mb()
+        where = f"{device.platform}: {device.device_kind}"
+    else:
+        import torch
+
+        import torch_reference as ref
+        torch.set_num_threads(os.cpu_count() or 1)
+        tsd = {k: torch.from_numpy(v) for k, v in sd.items()}
+        kwargs = dict(guidance=args.cfg, steps=args.steps, class_labels=torch.tensor(labels),
+                      num_stages=schedule.num_stages)
+        tinit, tblocks = torch.from_numpy(init), [torch.from_numpy(b) for b in blocks]
+        with torch.inference_mode():
+            ref.euler_cascade(tsd, _params_dict(p), tinit, tblocks, **kwargs)  # warm-up
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                out = ref.euler_cascade(tsd, _params_dict(p), tinit, tblocks, **kwargs)
+                times.append(time.perf_counter() - start)
+        out, compile_s, peak = out.numpy(), 0.0, peak_rss_mb()
+        where = f"cpu: torch {torch.__version__}, {torch.get_num_threads()} threads"
+    np.save(args.save, out)
+    median = sorted(times)[len(times) // 2]
+    return dict(impl=args.worker, config=args.config, batch=args.batch, where=where,
+                compile_s=compile_s, s_per_batch=median, s_per_image=median / args.batch,
+                images_per_s=args.batch / median, peak_mb=peak)
+
+
+def _params_dict(p) -> dict:
+    import dataclasses
+    return dataclasses.asdict(p)
+
+
+def xl_compile(depths=(28, 4)) -> list[dict]:
+    """Compile time of the XL sampler (abstract weights, nothing allocated)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pixelflow_jax.config import load_config
+    from pixelflow_jax.model import abstract_model
+    from pixelflow_jax.sampling import Sampler
+    from pixelflow_jax.scheduler import schedule_from_config
+
+    rows = []
+    base = load_config(os.path.join(ROOT, "configs/pixelflow_xl_c2i.yaml"))
+    for depth in depths:
+        cfg = base.replace_params(depth=depth)
+        sampler = Sampler(abstract_model(cfg.params), schedule_from_config(cfg.scheduler), 256)
+        start = time.perf_counter()
+        tables = sampler.tables(10, 1.0)
+        cond, uncond = sampler.conditioning(labels=np.arange(4))
+        lowered = sampler._jitted["seed"].lower(
+            sampler.state, jnp.uint32(0), jnp.arange(4), jnp.asarray(tables.T),
+            jnp.asarray(tables.dt), jnp.asarray(tables.num_steps), cond, uncond, jnp.float32(4))
+        traced = time.perf_counter() - start
+        lowered.compile()
+        rows.append(dict(depth=depth, trace_s=traced, total_s=time.perf_counter() - start))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10, help="Euler steps per stage")
+    ap.add_argument("--cfg", type=float, default=4.0, help="guidance")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    ap.add_argument("--xl-compile", action="store_true", help="also time the XL compile")
+    ap.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--save", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        print(json.dumps(worker(args)))
+        return
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
+          f"batch {args.batch}, {args.steps} Euler steps per stage, guidance {args.cfg}\n")
+    print("| config | impl | device | compile s | s/image | images/s | peak MB | speed-up | "
+          "rel. diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    import numpy as np
+    for config in args.configs:
+        results = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for impl in ["jax"] + ([] if args.no_torch else ["torch"]):
+                save = os.path.join(tmp, f"{impl}.npy")
+                cmd = [sys.executable, __file__, "--worker", impl, "--config", config,
+                       "--save", save, "--batch", str(args.batch), "--steps", str(args.steps),
+                       "--cfg", str(args.cfg), "--repeats", str(args.repeats),
+                       "--dtype", args.dtype]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode:
+                    sys.exit(f"{impl} worker failed:\n{proc.stderr[-3000:]}")
+                results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+                results[impl]["out"] = np.load(save)
+        diff = ""
+        if "torch" in results:
+            a, b = results["jax"]["out"], results["torch"]["out"]
+            diff = f"{np.linalg.norm(a - b) / np.linalg.norm(b):.1e}"
+        base = results.get("torch", {}).get("s_per_image")
+        for impl, r in results.items():
+            speed = f"{base / r['s_per_image']:.1f}x" if base else ""
+            print(f"| {os.path.basename(config)} | {impl} | {r['where']} | {r['compile_s']:.1f} | "
+                  f"{r['s_per_image']:.4f} | {r['images_per_s']:.1f} | {r['peak_mb']:.0f} | "
+                  f"{speed} | {diff if impl == 'jax' else ''} |")
+    if args.xl_compile:
+        print("\n| XL sampler (batch 4, 256 px, 10 steps) | trace + lower s | trace + compile s |")
+        print("|---|---|---|")
+        for row in xl_compile():
+            print(f"| depth {row['depth']} | {row['trace_s']:.1f} | {row['total_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""PixelFlow in JAX/Flax NNX."""

@@ -1,0 +1,263 @@
+"""Typed configuration that reads the official PixelFlow ``config.yaml`` unchanged.
+
+The official layout (SPEC §1)::
+
+    model: {target: pixelflow.model.PixelFlowModel, params: {...}}
+    scheduler: {num_train_timesteps, num_stages, pyramid_shift}
+    train: {lr, weight_decay, epochs}
+    data: {root, center_crop, resolution, expand_ratio, num_workers, batch_size}
+    seed: 42
+
+Every key is checked: an unknown key, a missing required key or a value of the
+wrong type raises :class:`~pixelflow_jax.errors.ConfigError` naming the key and
+the file. Keys with a default may be left out (the official constructor has
+the same defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any, Mapping
+
+import yaml
+
+from pixelflow_jax.errors import ConfigError
+
+OFFICIAL_TARGET = "pixelflow.model.PixelFlowModel"
+# Keys the official files never write: saved only when they differ from the default,
+# so a config we save stays byte-for-byte in the official layout.
+_OMIT_DEFAULT = {"omit_default": True}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelParams:
+    """``model.params``: the constructor arguments of the official model."""
+
+    num_attention_heads: int
+    attention_head_dim: int
+    in_channels: int
+    out_channels: int
+    depth: int
+    patch_size: int
+    num_classes: int = 0
+    attention_bias: bool = True
+    cross_attention_dim: int | None = None
+    dropout: float = dataclasses.field(default=0.0, metadata=_OMIT_DEFAULT)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    def validate(self) -> None:
+        for name in ("num_attention_heads", "attention_head_dim", "in_channels",
+                     "out_channels", "depth", "patch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.params.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ConfigError(f"model.params.num_classes must be >= 0, got {self.num_classes}")
+        if self.attention_head_dim % 4:
+            raise ConfigError(
+                "model.params.attention_head_dim must be a multiple of 4 for the 2-D rotary "
+                f"embedding, got {self.attention_head_dim}")
+        if self.cross_attention_dim is not None and self.cross_attention_dim < 1:
+            raise ConfigError(
+                f"model.params.cross_attention_dim must be >= 1, got {self.cross_attention_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.params.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    target: str
+    params: ModelParams
+
+    def validate(self) -> None:
+        if self.target != OFFICIAL_TARGET:
+            raise ConfigError(f"model.target must be {OFFICIAL_TARGET!r}, got {self.target!r}")
+        self.params.validate()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """``scheduler``. ``pyramid_shift`` is read but unused, as in the official code."""
+
+    num_train_timesteps: int
+    num_stages: int
+    pyramid_shift: bool = False
+    gamma: float = dataclasses.field(default=-1.0 / 3.0, metadata=_OMIT_DEFAULT)
+
+    def validate(self) -> None:
+        if self.num_stages < 1:
+            raise ConfigError(f"scheduler.num_stages must be >= 1, got {self.num_stages}")
+        if self.num_train_timesteps < 2:
+            raise ConfigError(
+                f"scheduler.num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if not self.gamma < 0:
+            raise ConfigError(f"scheduler.gamma must be negative, got {self.gamma}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    epochs: int = 10
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    root: str | None = None
+    center_crop: bool = False
+    resolution: int
+    expand_ratio: float = 1.125
+    num_workers: int = 4
+    batch_size: int = 4
+
+    def validate(self) -> None:
+        if self.resolution < 1:
+            raise ConfigError(f"data.resolution must be >= 1, got {self.resolution}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PixelFlowConfig:
+    """A whole config file. ``model``, ``scheduler`` and ``data`` are required."""
+
+    model: ModelConfig
+    scheduler: SchedulerConfig
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig
+    seed: int = 42
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.scheduler.validate()
+        self.data.validate()
+        self.train.validate()
+
+    @property
+    def params(self) -> ModelParams:
+        return self.model.params
+
+    def replace_params(self, **changes: Any) -> "PixelFlowConfig":
+        """A copy with some ``model.params`` changed (validated)."""
+        cfg = dataclasses.replace(
+            self, model=dataclasses.replace(
+                self.model, params=dataclasses.replace(self.model.params, **changes)))
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """The official layout as plain Python data (unset optional keys omitted)."""
+        def keep(obj: Any, f: dataclasses.Field) -> bool:
+            value = getattr(obj, f.name)
+            if value is None:
+                return False
+            return not (f.metadata.get("omit_default") and value == f.default)
+
+        def clean(obj: Any) -> Any:
+            if dataclasses.is_dataclass(obj):
+                return {f.name: clean(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                        if keep(obj, f)}
+            return obj
+        return clean(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"key '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; the official loader accepts it.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"key '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"key '{key}' must be a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise TypeError(f"unsupported config annotation {_type_name(tp)} for {key}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = f"section '{prefix}'" if prefix else "the top level"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    dotted = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: str(k))
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(f"unknown key '{dotted(unknown[0])}' (known keys in {where}: "
+                          f"{', '.join(fields)})")
+    kwargs = {}
+    for name, field in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], dotted(name))
+        elif (field.default is dataclasses.MISSING
+              and field.default_factory is dataclasses.MISSING):
+            raise ConfigError(f"missing key '{dotted(name)}'")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Any, source: str = "<dict>") -> PixelFlowConfig:
+    """Build and validate a config from parsed YAML; errors name ``source``."""
+    try:
+        cfg = _build(PixelFlowConfig, data, "")
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(path: str | os.PathLike) -> PixelFlowConfig:
+    """Read a ``config.yaml`` (official layout) and validate every key."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({e})") from None
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    return config_from_dict(data, path)
+
+
+def save_config(cfg: PixelFlowConfig, path: str | os.PathLike) -> None:
+    """Write ``cfg`` in the official layout (readable by the official code)."""
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

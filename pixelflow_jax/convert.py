@@ -1,0 +1,188 @@
+"""The name table between official PyTorch state dicts and this package's NNX parameters.
+
+One rule per official name: the NNX path is the same dotted path with the
+block index moved to a stacked leading axis, ``weight`` renamed to ``kernel``
+(linears, transposed [out, in] -> [in, out]; the patch conv, [E, C, p, p] ->
+[p, p, C, E]) or ``embedding`` (the class table). RMSNorm weights and biases
+are copied. :func:`official_to_nnx` collects every problem before failing.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from pixelflow_jax.config import ModelParams
+from pixelflow_jax.errors import UserError
+
+_RMSNORM_MODULES = {"q_norm", "k_norm", "norm2", "norm3"}
+_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
+
+
+class ConversionError(UserError):
+    """A state dict that does not fit the model; ``problems`` lists every mismatch."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20
+                                 else [])
+        super().__init__(f"{len(problems)} problem(s) with the weights: " + "; ".join(shown))
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _block_layout(p: ModelParams) -> list[tuple[str, tuple[int, ...]]]:
+    E = p.embed_dim
+
+    def attn(name: str, kv_dim: int) -> list[tuple[str, tuple[int, ...]]]:
+        out = []
+        for proj, din in (("q_proj", E), ("k_proj", kv_dim), ("v_proj", kv_dim), ("o_proj", E)):
+            out.append((f"{name}.{proj}.weight", (E, din)))
+            if p.attention_bias:
+                out.append((f"{name}.{proj}.bias", (E,)))
+        return out + [(f"{name}.q_norm.weight", (E,)), (f"{name}.k_norm.weight", (E,))]
+
+    layout = [("norm1.linear.weight", (6 * E, E)), ("norm1.linear.bias", (6 * E,))]
+    layout += attn("attn1", E)
+    if p.cross_attention_dim is not None:
+        layout += [("norm2.weight", (E,))] + attn("attn2", p.cross_attention_dim)
+    return layout + [("norm3.weight", (E,)), ("mlp.fc1.weight", (4 * E, E)),
+                     ("mlp.fc1.bias", (4 * E,)), ("mlp.fc2.weight", (E, 4 * E)),
+                     ("mlp.fc2.bias", (E,))]
+
+
+def official_layout(p: ModelParams) -> dict[str, tuple[int, ...]]:
+    """Every official state-dict name -> shape, in the official order."""
+    E, C = p.embed_dim, p.in_channels
+    out = {"patch_embed.proj.weight": (E, C, p.patch_size, p.patch_size),
+           "patch_embed.proj.bias": (E,)}
+    for emb in ("timestep_embedder", "latent_size_embedder"):
+        out.update({f"{emb}.linear_1.weight": (E, 256), f"{emb}.linear_1.bias": (E,),
+                    f"{emb}.linear_2.weight": (E, E), f"{emb}.linear_2.bias": (E,)})
+    if p.num_classes > 0:
+        out["class_embedder.embedding_table.weight"] = (p.num_classes + 1, E)
+    block = _block_layout(p)
+    for i in range(p.depth):
+        out.update({f"transformer_blocks.{i}.{name}": shape for name, shape in block})
+    out.update({"proj_out_1.weight": (2 * E, E), "proj_out_1.bias": (2 * E,),
+                "proj_out_2.weight": (p.patch_size ** 2 * p.out_channels, E),
+                "proj_out_2.bias": (p.patch_size ** 2 * p.out_channels,)})
+    return out
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def nnx_name(official: str) -> tuple[str, str]:
+    """(NNX dotted path, transform) for an official name without block index.
+
+    transform is ``"linear"`` (transpose), ``"conv"`` ([E,C,p,p] -> [p,p,C,E]) or ``"copy"``.
+    """
+    module, _, leaf = official.rpartition(".")
+    if leaf == "bias":
+        return official, "copy"
+    if official == "patch_embed.proj.weight":
+        return "patch_embed.proj.kernel", "conv"
+    if official == "class_embedder.embedding_table.weight":
+        return "class_embedder.embedding_table.embedding", "copy"
+    if module.rpartition(".")[2] in _RMSNORM_MODULES:
+        return official, "copy"
+    return f"{module}.kernel", "linear"
+
+
+def _to_nnx_array(a: np.ndarray, transform: str) -> np.ndarray:
+    if transform == "linear":
+        return a.T
+    if transform == "conv":
+        return a.transpose(2, 3, 1, 0)
+    return a
+
+
+def _to_official_array(a: np.ndarray, transform: str) -> np.ndarray:
+    if transform == "linear":
+        return a.T
+    if transform == "conv":
+        return a.transpose(3, 2, 0, 1)
+    return a
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def _get(tree: Mapping, dotted: str):
+    for key in dotted.split("."):
+        tree = tree[key]
+    return tree
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def official_to_nnx(state_dict: Mapping[str, np.ndarray], p: ModelParams,
+                    dtype: np.dtype | None = np.float32) -> dict:
+    """An official state dict (name -> array) as a nested dict of NNX parameters.
+
+    Checks, and reports together: missing names, unexpected names, shape
+    mismatches and non-floating tensors. Blocks are stacked on axis 0.
+    ``dtype`` (default float32) is the dtype of the result; None keeps the input's.
+    """
+    layout = official_layout(p)
+    problems = []
+    missing = [k for k in layout if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in layout]
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    for name, shape in layout.items():
+        if name not in state_dict:
+            continue
+        a = state_dict[name]
+        if tuple(a.shape) != shape:
+            problems.append(f"{name} has shape {list(a.shape)}, expected {list(shape)}")
+        elif not np.issubdtype(np.asarray(a).dtype, np.floating) and \
+                str(getattr(a, "dtype", "")) != "bfloat16":
+            problems.append(f"{name} has non-floating dtype {a.dtype}")
+    if problems:
+        raise ConversionError(problems)
+
+    cast = (lambda a: np.asarray(a, dtype)) if dtype is not None else np.asarray
+    tree: dict = {}
+    for name, _ in layout.items():
+        if name.startswith("transformer_blocks."):
+            continue
+        path, transform = nnx_name(name)
+        _set(tree, path, cast(_to_nnx_array(np.asarray(state_dict[name]), transform)))
+    for rest, _ in _block_layout(p):
+        path, transform = nnx_name(rest)
+        stacked = np.stack([_to_nnx_array(np.asarray(state_dict[f"transformer_blocks.{i}.{rest}"]),
+                                          transform) for i in range(p.depth)])
+        _set(tree, f"transformer_blocks.{path}", cast(stacked))
+    return tree
+
+
+def iter_official(tree: Mapping, p: ModelParams) -> Iterator[tuple[str, np.ndarray]]:
+    """(official name, array in PyTorch layout) for every parameter, in official order."""
+    for name in official_layout(p):
+        m = _BLOCK.match(name)
+        if m:
+            path, transform = nnx_name(m.group(2))
+            a = np.asarray(_get(tree, f"transformer_blocks.{path}"))[int(m.group(1))]
+        else:
+            path, transform = nnx_name(name)
+            a = np.asarray(_get(tree, path))
+        yield name, _to_official_array(a, transform)
+
+
+def nnx_to_official(tree: Mapping, p: ModelParams) -> "collections.OrderedDict[str, np.ndarray]":
+    """The inverse of :func:`official_to_nnx`: an ordered official state dict."""
+    return collections.OrderedDict(
+        (name, np.ascontiguousarray(a)) for name, a in iter_official(tree, p))

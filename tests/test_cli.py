@@ -1,0 +1,114 @@
+"""sample.py: it draws, it reads injected noise, and bad input is one line + exit 2."""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import sample
+from conftest import ROOT
+from pixelflow_jax.checkpoint import load_checkpoint
+from pixelflow_jax.noise import draw_cascade_noise, save_noise_npz
+from pixelflow_jax.sampling import Sampler, to_images
+from pixelflow_jax.scheduler import CascadeSchedule
+
+
+def run_cli(*args):
+    """Run sample.py in a fresh process: (exit code, stderr)."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    return proc.returncode, proc.stderr
+
+
+def test_draws_a_grid_and_a_folder(ckpt_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    code, err = run_cli("--ckpt", ckpt_dir, "--classes", "1,2", "3", "--num-images", "2",
+                        "--steps", "2", "--batch-size", "4", "--out", out)
+    assert code == 0, err
+    assert "compiled in" in err and "images/s" in err
+    img = np.asarray(Image.open(out))
+    assert img.shape == (3 * 34 + 2, 2 * 34 + 2, 3)  # 3 rows (classes) x 2, 32 px + padding
+    # In-process, the folder form; its images are the grid's (same seed and indices).
+    assert sample.main(["--ckpt", ckpt_dir, "--classes", "1", "2", "3", "--num-images", "2",
+                        "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "dir"),
+                        "--quiet"]) == 0
+    files = sorted(os.listdir(tmp_path / "dir"))
+    assert files[0] == "000000_class1.png" and files[-1] == "000005_class3.png"
+    first = np.asarray(Image.open(tmp_path / "dir" / files[2]))  # class 2, first image
+    np.testing.assert_array_equal(first, img[36:68, 2:34])
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_noise_from_file_reproduces_library_samples(ckpt_dir, tmp_path):
+    model, cfg = load_checkpoint(ckpt_dir)
+    sampler = Sampler(model, CascadeSchedule(), 32)
+    noise = draw_cascade_noise(5, jnp.arange(2), sampler.resolutions, 3, -1 / 3)
+    save_noise_npz(tmp_path / "noise.npz", noise)
+    want = np.asarray(to_images(sampler.generate_from_noise(
+        noise, labels=np.array([7, 7]), steps=[2, 1, 1, 2], guidance=3.0, shift=2.0)))
+    assert sample.main(["--ckpt", ckpt_dir, "--classes", "7", "--num-images", "2", "--steps",
+                        "2,1,1,2", "--cfg", "3", "--shift", "2", "--noise-from",
+                        str(tmp_path / "noise.npz"), "--out", str(tmp_path / "n"),
+                        "--quiet"]) == 0
+    for i in range(2):
+        got = np.asarray(Image.open(tmp_path / "n" / f"00000{i}_class7.png"))
+        np.testing.assert_array_equal(got, want[i])
+
+
+BAD = [
+    (["--classes", "10"], "class id 10 is outside [0, 10)"),
+    (["--classes", "-1"], "class id -1 is outside [0, 10)"),
+    (["--classes", "one"], "expected integers"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "2,2"], "one per stage (4)"),
+    (["--cfg", "-1"], "--cfg must be a finite number >= 0"),
+    (["--cfg", "nan"], "--cfg must be a finite number >= 0"),
+    (["--shift", "0"], "--shift must be a finite number > 0"),
+    (["--resolution", "100"], "resolution 100 does not work with 4 stages"),
+    (["--num-images", "0"], "--num-images must be >= 1"),
+    (["--seed", "-3"], "--seed must be in"),
+    (["--solver", "dopri5"], "invalid choice: 'dopri5'"),
+    (["--noise-from", "/nonexistent.npz"], "no such file"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD)
+def test_bad_input_is_one_line_and_exit_2(ckpt_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "x.png"
+    code = sample.main(["--ckpt", ckpt_dir, "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_bad_checkpoints_and_outputs(ckpt_dir, tmp_path, capsys):
+    (tmp_path / "f.txt").write_text("a file, not a folder")
+    (tmp_path / "d.png").mkdir()
+    cases = [
+        (["--ckpt", str(tmp_path / "missing")], "does not exist"),
+        (["--ckpt", str(tmp_path)], "has no config.yaml"),
+        (["--ckpt", ckpt_dir, "--out", str(tmp_path / "f.txt" / "x.png")], "is not a folder"),
+        (["--ckpt", ckpt_dir, "--out", str(tmp_path / "f.txt")], "exists and is not a folder"),
+        (["--ckpt", ckpt_dir, "--out", str(tmp_path / "d.png")], "is a folder, expected a .png"),
+    ]
+    for args, message in cases:
+        assert sample.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_real_process_exit_code_and_help(ckpt_dir, tmp_path):
+    code, err = run_cli("--ckpt", ckpt_dir, "--classes", "99", "--out", tmp_path / "a.png")
+    assert code == 2 and err.strip() == "sample.py: error: class id 99 is outside [0, 10)"
+    code, err = run_cli("--out", tmp_path / "a.png")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--ckpt" in err
+    help_text = subprocess.run([sys.executable, "sample.py", "--help"], cwd=ROOT,
+                               capture_output=True, text=True).stdout
+    for flag in ("--ckpt", "--classes", "--num-images", "--seed", "--cfg", "--steps", "--shift",
+                 "--solver", "--dtype", "--out", "--batch-size", "--resolution", "--noise-from",
+                 "--attention", "--progress", "--quiet"):
+        assert flag in help_text

@@ -1,0 +1,79 @@
+"""Block noise statistics and layout, per-image keys, and noise files."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pixelflow_jax.errors import UserError
+from pixelflow_jax.noise import (CascadeNoise, block_covariance, block_noise_factor,
+                                 correlate_blocks, draw_cascade_noise, load_noise_npz,
+                                 save_noise_npz)
+
+GAMMA = -1 / 3
+RES = (4, 8, 16, 32)
+
+
+def test_factor_reproduces_covariance():
+    L = block_noise_factor(GAMMA).astype(np.float64)
+    np.testing.assert_allclose(L @ L.T, block_covariance(GAMMA), atol=1e-6)
+    assert L[3, 3] == pytest.approx(0.0020, abs=1e-4)  # SPEC: nearly singular
+
+
+def test_blocks_fill_row_major():
+    z = jnp.arange(1.0, 9.0).reshape(1, 2, 1, 4)  # two blocks side by side, one channel
+    out = np.asarray(correlate_blocks(z, jnp.eye(4)))[..., 0]
+    np.testing.assert_array_equal(out, [[1, 2, 5, 6], [3, 4, 7, 8]])
+
+
+def test_block_noise_statistics():
+    noise = draw_cascade_noise(0, jnp.arange(4), (8, 128), 3, GAMMA)
+    eps = np.asarray(noise.blocks[0], np.float64)           # [4, 128, 128, 3]
+    blocks = eps.reshape(4, 64, 2, 64, 2, 3).transpose(0, 1, 3, 5, 2, 4).reshape(-1, 4)
+    cov = blocks.T @ blocks / len(blocks)                   # 49,152 blocks
+    np.testing.assert_allclose(cov, block_covariance(GAMMA), atol=0.03)
+    # Each 2x2 block sums to ~0 (variance 4e-6); a wrong placement would not.
+    assert np.abs(blocks.sum(1)).max() < 0.02
+    shifted = eps[:, 1:-1, 1:-1].reshape(4, 63, 2, 63, 2, 3).sum(axis=(2, 4))
+    assert np.abs(shifted).mean() > 0.5
+    init = np.asarray(noise.init)
+    assert abs(init.mean()) < 0.1 and abs(init.std() - 1) < 0.1
+
+
+def test_noise_depends_only_on_seed_and_index():
+    a = draw_cascade_noise(7, jnp.arange(6), RES, 3, GAMMA)
+    b = draw_cascade_noise(7, jnp.array([4, 1]), RES, 3, GAMMA)
+    for x, y in zip(jnp.asarray(a.init)[jnp.array([4, 1])], b.init):
+        np.testing.assert_array_equal(x, y)
+    for xa, xb in zip(a.blocks, b.blocks):
+        np.testing.assert_array_equal(np.asarray(xa)[[4, 1]], xb)
+    c = draw_cascade_noise(8, jnp.arange(6), RES, 3, GAMMA)
+    assert not np.allclose(a.init, c.init)
+    assert not np.allclose(a.init[0], a.init[1])
+
+
+def test_noise_file_round_trip_and_errors(tmp_path):
+    noise = draw_cascade_noise(0, jnp.arange(2), RES, 3, GAMMA)
+    path = tmp_path / "noise.npz"
+    save_noise_npz(path, noise)
+    with np.load(path) as f:
+        assert f["init"].shape == (2, 3, 4, 4) and f["block3"].shape == (2, 3, 32, 32)  # NCHW
+    back = load_noise_npz(path, 2, RES, 3)
+    np.testing.assert_array_equal(back.init, noise.init)
+    np.testing.assert_array_equal(back.blocks[2], noise.blocks[2])
+
+    arrays = {"init": np.zeros((2, 3, 4, 4), np.float32),
+              "block1": np.zeros((2, 3, 9, 9), np.float32),
+              "block2": np.zeros((2, 3, 16, 16), np.int32), "junk": np.zeros(1)}
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(UserError) as e:
+        load_noise_npz(tmp_path / "bad.npz", 2, RES, 3)
+    msg = str(e.value)
+    for part in ("missing block3", "unexpected junk", "block1 has shape [2, 3, 9, 9]",
+                 "block2 has dtype int32"):
+        assert part in msg
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(UserError, match="not a readable .npz"):
+        load_noise_npz(tmp_path / "text.npz", 2, RES, 3)
+    with pytest.raises(UserError, match="wrong batch|expected \\[3, 3, 4, 4\\]"):
+        load_noise_npz(path, 3, RES, 3)
+    assert isinstance(back, CascadeNoise)
