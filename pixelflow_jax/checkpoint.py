@@ -16,10 +16,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from pixelflow_jax.config import PixelFlowConfig, load_config, save_config
+from pixelflow_jax.convert import compare_shapes
 from pixelflow_jax.errors import CheckpointError, UserError
 from pixelflow_jax.model import PixelFlowModel, abstract_model
 
@@ -34,6 +34,10 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: tree}
+
+
+def _shapes(flat: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in flat.items()}
 
 
 def param_tree(model: PixelFlowModel) -> dict:
@@ -98,22 +102,6 @@ def _describe_folder_problem(directory: str) -> str | None:
     return None
 
 
-def check_param_tree(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """Every difference between two flat {path: shaped} maps, as messages."""
-    problems = []
-    missing = [k for k in expected if k not in stored]
-    extra = [k for k in stored if k not in expected]
-    if missing:
-        problems.append(f"missing entries: {', '.join(missing)}")
-    if extra:
-        problems.append(f"unexpected entries: {', '.join(extra)}")
-    for k in expected:
-        if k in stored and tuple(stored[k].shape) != tuple(expected[k].shape):
-            problems.append(f"{k} has shape {list(stored[k].shape)}, "
-                            f"expected {list(expected[k].shape)}")
-    return problems
-
-
 def load_checkpoint(directory: str | os.PathLike, *, dtype: Any = jnp.float32,
                     attention_impl: str = "auto") -> tuple[PixelFlowModel, PixelFlowConfig]:
     """Load a checkpoint folder as a model (float32 parameters, ``dtype`` compute).
@@ -137,7 +125,7 @@ def load_checkpoint(directory: str | os.PathLike, *, dtype: Any = jnp.float32,
     except Exception as e:  # orbax raises many types for unreadable folders
         raise CheckpointError(f"{path} is not a readable orbax checkpoint "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    problems = check_param_tree(stored, expected)
+    problems = compare_shapes(_shapes(stored), _shapes(expected))
     if problems:
         raise CheckpointError(f"{directory} does not match its {CONFIG_FILE}: "
                               + "; ".join(problems))
@@ -161,7 +149,7 @@ def model_from_tree(tree: dict, config: PixelFlowConfig, *, dtype: Any = jnp.flo
     model = abstract_model(config.params, dtype=dtype, attention_impl=attention_impl)
     graphdef, state = nnx.split(model)
     expected = _flatten(nnx.to_pure_dict(state))
-    problems = check_param_tree(_flatten(tree), expected)
+    problems = compare_shapes(_shapes(_flatten(tree)), _shapes(expected))
     if problems:
         raise CheckpointError("; ".join(problems))
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree))

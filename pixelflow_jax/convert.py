@@ -94,20 +94,29 @@ def nnx_name(official: str) -> tuple[str, str]:
     return f"{module}.kernel", "linear"
 
 
-def _to_nnx_array(a: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "linear":
-        return a.T
-    if transform == "conv":
-        return a.transpose(2, 3, 1, 0)
-    return a
+# transform -> (permutation official -> NNX, permutation NNX -> official)
+_PERMUTATIONS = {"linear": ((1, 0), (1, 0)), "conv": ((2, 3, 1, 0), (3, 2, 0, 1))}
 
 
-def _to_official_array(a: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "linear":
-        return a.T
-    if transform == "conv":
-        return a.transpose(3, 2, 0, 1)
-    return a
+def _permute(a: np.ndarray, transform: str, to_nnx: bool) -> np.ndarray:
+    if transform == "copy":
+        return a
+    return a.transpose(_PERMUTATIONS[transform][0 if to_nnx else 1])
+
+
+def compare_shapes(stored: Mapping[str, tuple], expected: Mapping[str, tuple]) -> list[str]:
+    """Every difference between two {name: shape} maps, as messages (empty if none)."""
+    problems = []
+    missing = [k for k in expected if k not in stored]
+    unexpected = [k for k in stored if k not in expected]
+    if missing:
+        problems.append(f"missing: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected: {', '.join(unexpected)}")
+    for k, shape in expected.items():
+        if k in stored and tuple(stored[k]) != tuple(shape):
+            problems.append(f"{k} has shape {list(stored[k])}, expected {list(shape)}")
+    return problems
 
 
 def _set(tree: dict, dotted: str, value) -> None:
@@ -135,21 +144,9 @@ def official_to_nnx(state_dict: Mapping[str, np.ndarray], p: ModelParams,
     ``dtype`` (default float32) is the dtype of the result; None keeps the input's.
     """
     layout = official_layout(p)
-    problems = []
-    missing = [k for k in layout if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in layout]
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    for name, shape in layout.items():
-        if name not in state_dict:
-            continue
-        a = state_dict[name]
-        if tuple(a.shape) != shape:
-            problems.append(f"{name} has shape {list(a.shape)}, expected {list(shape)}")
-        elif not np.issubdtype(np.asarray(a).dtype, np.floating) and \
-                str(getattr(a, "dtype", "")) != "bfloat16":
+    problems = compare_shapes({k: tuple(a.shape) for k, a in state_dict.items()}, layout)
+    for name, a in state_dict.items():
+        if name in layout and not np.issubdtype(np.asarray(a).dtype, np.floating):
             problems.append(f"{name} has non-floating dtype {a.dtype}")
     if problems:
         raise ConversionError(problems)
@@ -160,11 +157,11 @@ def official_to_nnx(state_dict: Mapping[str, np.ndarray], p: ModelParams,
         if name.startswith("transformer_blocks."):
             continue
         path, transform = nnx_name(name)
-        _set(tree, path, cast(_to_nnx_array(np.asarray(state_dict[name]), transform)))
+        _set(tree, path, cast(_permute(np.asarray(state_dict[name]), transform, True)))
     for rest, _ in _block_layout(p):
         path, transform = nnx_name(rest)
-        stacked = np.stack([_to_nnx_array(np.asarray(state_dict[f"transformer_blocks.{i}.{rest}"]),
-                                          transform) for i in range(p.depth)])
+        stacked = np.stack([_permute(np.asarray(state_dict[f"transformer_blocks.{i}.{rest}"]),
+                                     transform, True) for i in range(p.depth)])
         _set(tree, f"transformer_blocks.{path}", cast(stacked))
     return tree
 
@@ -179,7 +176,7 @@ def iter_official(tree: Mapping, p: ModelParams) -> Iterator[tuple[str, np.ndarr
         else:
             path, transform = nnx_name(name)
             a = np.asarray(_get(tree, path))
-        yield name, _to_official_array(a, transform)
+        yield name, _permute(a, transform, False)
 
 
 def nnx_to_official(tree: Mapping, p: ModelParams) -> "collections.OrderedDict[str, np.ndarray]":

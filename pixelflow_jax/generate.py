@@ -68,7 +68,8 @@ def sample_class_images(sampler: Sampler, request: ImageRequest, batch_size: int
             if noise is None:
                 x = sampler.generate(request.seed, idx, **kwargs)
             else:
-                part = jax.tree.map(lambda a: _pad(np.asarray(a)[lo:hi], batch_size), noise)
+                part = jax.tree.map(lambda a, lo=lo, hi=hi: _pad(np.asarray(a)[lo:hi], batch_size),
+                                    noise)
                 x = sampler.generate_from_noise(part, **kwargs)
             out.append(np.asarray(to_images(x))[: hi - lo])
         if progress == "batches":

@@ -80,9 +80,9 @@ def test_tree_mismatch_names_every_entry(ckpt_dir, tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(path)
     msg = str(e.value)
-    assert "missing entries: " in msg and "transformer_blocks.attn2.q_proj.kernel" in msg
+    assert "missing: " in msg and "transformer_blocks.attn2.q_proj.kernel" in msg
     assert "transformer_blocks.norm2.weight" in msg
-    assert "unexpected entries: " in msg and "transformer_blocks.attn1.q_proj.bias" in msg
+    assert "unexpected: " in msg and "transformer_blocks.attn1.q_proj.bias" in msg
     assert "class_embedder.embedding_table.embedding has shape [11, 16], expected [12, 16]" in msg
 
 

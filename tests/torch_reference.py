@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
