@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pixelflow_jax.config import PixelFlowConfig, load_config, save_config
@@ -34,6 +35,24 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: tree}
+
+
+def _checkpointer():
+    """A synchronous orbax checkpointer that holds no second copy of what it saves.
+
+    Orbax deep-copies host arrays by default (a guard for asynchronous saves; this
+    one is synchronous), and with compression on, tensorstore buffers the whole
+    encoded output (zstd gains little on float weights). Either doubles the peak
+    memory of converting a 2.7 GB checkpoint.
+    """
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers
+
+    registry = type_handlers.create_type_handler_registry(
+        (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, type_handlers.ArrayHandler()))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry,
+                                                        use_compression=False))
 
 
 def _shapes(flat: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -65,26 +84,33 @@ def save_checkpoint(directory: str | os.PathLike, params: dict | PixelFlowModel,
     if not os.path.isdir(parent):
         raise UserError(f"cannot write {directory}: folder {parent} does not exist")
     if dtype is not None:
-        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+        params = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
     tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         os.makedirs(tmp)
         save_config(config, os.path.join(tmp, CONFIG_FILE))
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
-        checkpointer.wait_until_finished()
-        checkpointer.close()
-        if os.path.exists(directory):
-            old = f"{directory}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, directory)
+        with _checkpointer() as checkpointer:
+            checkpointer.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
+        replace_folder(tmp, directory)
     except PermissionError as e:
         raise UserError(f"cannot write {directory}: {e.strerror}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(tmp: str, dst: str) -> None:
+    """Move the finished folder ``tmp`` to ``dst``; an old ``dst`` is removed only after."""
+    dst = os.path.abspath(dst)
+    if not os.path.exists(dst):
+        os.rename(tmp, dst)
+        return
+    old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(dst, old)
+    os.rename(tmp, dst)
+    if os.path.isdir(old):
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.unlink(old)
 
 
 def _describe_folder_problem(directory: str) -> str | None:
@@ -102,6 +128,56 @@ def _describe_folder_problem(directory: str) -> str | None:
     return None
 
 
+def _error_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def _open_checked(directory: str | os.PathLike) -> tuple[str, PixelFlowConfig, dict]:
+    """(params path, config, abstract parameter tree) of a folder whose stored tree
+    matches its config; raises CheckpointError naming every problem."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    problem = _describe_folder_problem(directory)
+    if problem:
+        raise CheckpointError(problem)
+    config = load_config(os.path.join(directory, CONFIG_FILE))
+    abstract = nnx.to_pure_dict(nnx.state(abstract_model(config.params)))
+    path = os.path.join(directory, PARAMS_DIR)
+    try:
+        stored = _flatten(ocp.StandardCheckpointer().metadata(path).item_metadata.tree)
+    except Exception as e:  # orbax raises many types for unreadable folders
+        raise CheckpointError(f"{path} is not a readable orbax checkpoint "
+                              f"({_error_line(e)})") from None
+    problems = compare_shapes(_shapes(stored), _shapes(_flatten(abstract)))
+    if problems:
+        raise CheckpointError(f"{directory} does not match its {CONFIG_FILE}: "
+                              + "; ".join(problems))
+    return path, config, abstract
+
+
+def _restore(path: str, restore_args: Any) -> dict:
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        try:
+            return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+                restore_args=restore_args))
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read the parameters "
+                                  f"({_error_line(e)})") from None
+
+
+def load_param_tree(directory: str | os.PathLike) -> tuple[dict, PixelFlowConfig]:
+    """A checkpoint's parameters as a nested dict of float32 NumPy arrays, and its config."""
+    import orbax.checkpoint as ocp
+
+    path, config, abstract = _open_checked(directory)
+    args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32),
+                        abstract)
+    return _restore(path, args), config
+
+
 def load_checkpoint(directory: str | os.PathLike, *, dtype: Any = jnp.float32,
                     attention_impl: str = "auto") -> tuple[PixelFlowModel, PixelFlowConfig]:
     """Load a checkpoint folder as a model (float32 parameters, ``dtype`` compute).
@@ -110,37 +186,15 @@ def load_checkpoint(directory: str | os.PathLike, *, dtype: Any = jnp.float32,
     """
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(os.fspath(directory))
-    problem = _describe_folder_problem(directory)
-    if problem:
-        raise CheckpointError(problem)
-    config = load_config(os.path.join(directory, CONFIG_FILE))
-    model = abstract_model(config.params, dtype=dtype, attention_impl=attention_impl)
-    graphdef, abstract_state = nnx.split(model)
-    expected = _flatten(nnx.to_pure_dict(abstract_state))
-    checkpointer = ocp.StandardCheckpointer()
-    path = os.path.join(directory, PARAMS_DIR)
-    try:
-        stored = _flatten(checkpointer.metadata(path).item_metadata.tree)
-    except Exception as e:  # orbax raises many types for unreadable folders
-        raise CheckpointError(f"{path} is not a readable orbax checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    problems = compare_shapes(_shapes(stored), _shapes(expected))
-    if problems:
-        raise CheckpointError(f"{directory} does not match its {CONFIG_FILE}: "
-                              + "; ".join(problems))
+    path, config, _ = _open_checked(directory)
+    graphdef, state = nnx.split(abstract_model(config.params, dtype=dtype,
+                                               attention_impl=attention_impl))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=sharding),
-                          nnx.to_pure_dict(abstract_state))
-    try:
-        restored = checkpointer.restore(path, target)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the parameters "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    finally:
-        checkpointer.close()
-    nnx.replace_by_pure_dict(abstract_state, restored)
-    return nnx.merge(graphdef, abstract_state), config
+    args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=sharding, dtype=jnp.float32,
+                                                       global_shape=a.shape),
+                        nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, _restore(path, args))
+    return nnx.merge(graphdef, state), config
 
 
 def model_from_tree(tree: dict, config: PixelFlowConfig, *, dtype: Any = jnp.float32,

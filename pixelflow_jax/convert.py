@@ -10,9 +10,11 @@ are copied. :func:`official_to_nnx` collects every problem before failing.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
 
 from pixelflow_jax.config import ModelParams
@@ -135,39 +137,108 @@ def _get(tree: Mapping, dotted: str):
 # ----------------------------------------------------------------------------- conversion
 
 
-def official_to_nnx(state_dict: Mapping[str, np.ndarray], p: ModelParams,
-                    dtype: np.dtype | None = np.float32) -> dict:
-    """An official state dict (name -> array) as a nested dict of NNX parameters.
+def is_floating(dtype) -> bool:
+    """True for every float dtype, bfloat16 included (NumPy does not count it)."""
+    try:
+        ml_dtypes.finfo(dtype)
+        return True
+    except ValueError:
+        return False
 
-    Checks, and reports together: missing names, unexpected names, shape
-    mismatches and non-floating tensors. Blocks are stacked on axis 0.
-    ``dtype`` (default float32) is the dtype of the result; None keeps the input's.
+
+def _read(value) -> np.ndarray:
+    """An array from an array or a lazy tensor (anything with ``.read()``)."""
+    return value.read() if hasattr(value, "read") else np.asarray(value)
+
+
+def infer_params(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[Any, str]]:
+    """What the weights say about ``model.params``: field -> (value, evidence).
+
+    Only fields the tensors determine; ``num_attention_heads x attention_head_dim``
+    is reported as ``embed_dim``.
     """
-    layout = official_layout(p)
-    problems = compare_shapes({k: tuple(a.shape) for k, a in state_dict.items()}, layout)
-    for name, a in state_dict.items():
-        if name in layout and not np.issubdtype(np.asarray(a).dtype, np.floating):
-            problems.append(f"{name} has non-floating dtype {a.dtype}")
+    out: dict[str, tuple[Any, str]] = {}
+    w = shapes.get("patch_embed.proj.weight")
+    if w is not None and len(w) == 4:
+        ev = f"patch_embed.proj.weight is {list(w)}"
+        out.update(embed_dim=(w[0], ev), in_channels=(w[1], ev), patch_size=(w[2], ev))
+        o = shapes.get("proj_out_2.weight")
+        if o is not None and w[2] and o[0] % (w[2] * w[2]) == 0:
+            out["out_channels"] = (o[0] // (w[2] * w[2]), f"proj_out_2.weight is {list(o)}")
+    t = shapes.get("class_embedder.embedding_table.weight")
+    out["num_classes"] = (t[0] - 1, f"class_embedder.embedding_table.weight is {list(t)}") \
+        if t is not None else (0, "there is no class_embedder.embedding_table.weight")
+    blocks = {int(m.group(1)) for m in map(_BLOCK.match, shapes) if m}
+    if blocks:
+        out["depth"] = (max(blocks) + 1, f"blocks 0..{max(blocks)} are present")
+        has_bias = "transformer_blocks.0.attn1.q_proj.bias" in shapes
+        out["attention_bias"] = (has_bias, "transformer_blocks.0.attn1.q_proj.bias is "
+                                 + ("present" if has_bias else "absent"))
+        k = shapes.get("transformer_blocks.0.attn2.k_proj.weight")
+        out["cross_attention_dim"] = (k[1], f"transformer_blocks.0.attn2.k_proj.weight is "
+                                      f"{list(k)}") if k is not None \
+            else (None, "there is no attn2 (cross-attention)")
+    return out
+
+
+def config_disagreements(shapes: Mapping[str, tuple[int, ...]], p: ModelParams) -> list[str]:
+    """Messages for every ``model.params`` value the weights contradict."""
+    config = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
+    config["embed_dim"] = p.embed_dim
+    problems = []
+    for field, (value, evidence) in infer_params(shapes).items():
+        if config[field] != value:
+            name = ("num_attention_heads x attention_head_dim" if field == "embed_dim"
+                    else field)
+            problems.append(f"config model.params.{name} = {config[field]} but the weights "
+                            f"have {value} ({evidence})")
+    return problems
+
+
+def check_state_dict(state_dict: Mapping[str, Any], p: ModelParams) -> list[str]:
+    """Every problem that stops ``state_dict`` loading into a model of ``p`` (no data read)."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    problems = config_disagreements(shapes, p)
+    problems += compare_shapes(shapes, official_layout(p))
+    problems += [f"{k} has non-floating dtype {np.dtype(v.dtype).name}"
+                 for k, v in state_dict.items() if not is_floating(v.dtype)]
+    return problems
+
+
+def official_to_nnx(state_dict: Mapping[str, Any], p: ModelParams,
+                    dtype: Any = np.float32) -> dict:
+    """An official state dict as a nested dict of NNX parameters (blocks stacked on axis 0).
+
+    Values are arrays or lazy tensors (``.read()``), read one at a time: the
+    result is the only full copy held. Every problem of :func:`check_state_dict`
+    is reported at once, before anything is read. ``dtype`` is the result's
+    dtype (None keeps each input's).
+    """
+    problems = check_state_dict(state_dict, p)
     if problems:
         raise ConversionError(problems)
-
-    cast = (lambda a: np.asarray(a, dtype)) if dtype is not None else np.asarray
+    cast = (lambda a: a.astype(dtype, copy=False)) if dtype is not None else (lambda a: a)
     tree: dict = {}
-    for name, _ in layout.items():
-        if name.startswith("transformer_blocks."):
-            continue
-        path, transform = nnx_name(name)
-        _set(tree, path, cast(_permute(np.asarray(state_dict[name]), transform, True)))
+    for name in official_layout(p):
+        if not name.startswith("transformer_blocks."):
+            path, transform = nnx_name(name)
+            _set(tree, path, np.ascontiguousarray(cast(_permute(_read(state_dict[name]),
+                                                                 transform, True))))
     for rest, _ in _block_layout(p):
         path, transform = nnx_name(rest)
-        stacked = np.stack([_permute(np.asarray(state_dict[f"transformer_blocks.{i}.{rest}"]),
-                                     transform, True) for i in range(p.depth)])
-        _set(tree, f"transformer_blocks.{path}", cast(stacked))
+        stacked = None
+        for i in range(p.depth):
+            block = cast(_permute(_read(state_dict[f"transformer_blocks.{i}.{rest}"]),
+                                  transform, True))
+            if stacked is None:
+                stacked = np.empty((p.depth,) + block.shape, block.dtype)
+            stacked[i] = block
+        _set(tree, f"transformer_blocks.{path}", stacked)
     return tree
 
 
 def iter_official(tree: Mapping, p: ModelParams) -> Iterator[tuple[str, np.ndarray]]:
-    """(official name, array in PyTorch layout) for every parameter, in official order."""
+    """(official name, array in PyTorch layout, a view) for every parameter, in order."""
     for name in official_layout(p):
         m = _BLOCK.match(name)
         if m:
@@ -180,6 +251,6 @@ def iter_official(tree: Mapping, p: ModelParams) -> Iterator[tuple[str, np.ndarr
 
 
 def nnx_to_official(tree: Mapping, p: ModelParams) -> "collections.OrderedDict[str, np.ndarray]":
-    """The inverse of :func:`official_to_nnx`: an ordered official state dict."""
+    """The inverse of :func:`official_to_nnx`: an ordered official state dict (copies)."""
     return collections.OrderedDict(
         (name, np.ascontiguousarray(a)) for name, a in iter_official(tree, p))
