@@ -1,23 +1,26 @@
 #!/usr/bin/env python3
-"""Benchmark Euler sampling: this package (jitted) against eager PyTorch, same run.
+"""Benchmark sampling: this package (compiled) against eager PyTorch, in the same run.
 
-    python bench/bench_sample.py                       # CPU: tiny + small configs, vs PyTorch
+    python bench/bench_sample.py                       # CPU: Euler tiny + small, Dopri5 tiny
     python bench/bench_sample.py --xl-compile          # + XL sampler compile time (depth 28 vs 4)
-    python bench/bench_sample.py --configs configs/pixelflow_xl_c2i.yaml --batch 16 \
-        --dtype bfloat16 --no-torch                    # XL on a GPU
+    python bench/bench_sample.py --runs xl:euler xl:dopri5 --batch 16 --dtype bfloat16 \
+        --no-torch                                     # XL on a GPU
 
 Each measurement runs in its own process (so peak memory is that implementation's
 alone) with the same normal-scale random weights and the same injected noise.
 The PyTorch baseline is tests/torch_reference.py (float32, eager), which follows
-the official pipeline: with guidance it doubles the batch at every stage.
-Reported: compile time, steady-state seconds per image (median of --repeats
-batches), images/s, peak host RSS (CPU) or peak device memory (GPU), and the
-relative difference between the two implementations' outputs.
+the official pipeline: with guidance it doubles the batch at every stage; for
+Dopri5 it is tests/torch_dopri5_reference.py (torchdiffeq, the official 2B-row
+state). Reported: compile time, steady-state seconds per image (median of
+--repeats batches), images/s, velocity evaluations per image, GFLOP per image
+(pixelflow_jax.flops) and achieved GFLOP/s, peak host RSS (CPU) or peak device
+memory (GPU), and the relative difference between the two outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -29,11 +32,15 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-DEFAULT_CONFIGS = ["configs/pixelflow_tiny_c2i.yaml", "configs/pixelflow_small_c2i.yaml"]
+CONFIGS = {"tiny": "configs/pixelflow_tiny_c2i.yaml", "small": "configs/pixelflow_small_c2i.yaml",
+           "xl": "configs/pixelflow_xl_c2i.yaml"}
+DEFAULT_RUNS = ["tiny:euler", "small:euler", "tiny:dopri5"]
 
 
-def make_noise(batch: int, resolutions: list[int], channels: int, seed: int):
-    """Block-structured noise in NumPy (NCHW), identical for both implementations."""
+def make_noise(batch: int, resolutions: list[int], channels: int, seed: int, copies: int = 1):
+    """Block-structured noise in NumPy (NCHW), identical for both implementations.
+
+    Block arrays have ``copies`` x batch rows (2 for the official Dopri5 state)."""
     import numpy as np
 
     from pixelflow_jax.noise import block_noise_factor
@@ -42,9 +49,10 @@ def make_noise(batch: int, resolutions: list[int], channels: int, seed: int):
     init = rng.standard_normal((batch, channels, resolutions[0], resolutions[0]), np.float32)
     blocks = []
     for r in resolutions[1:]:
-        z = rng.standard_normal((batch, channels, r // 2, r // 2, 4), np.float32) @ L.T
-        blocks.append(z.reshape(batch, channels, r // 2, r // 2, 2, 2)
-                      .transpose(0, 1, 2, 4, 3, 5).reshape(batch, channels, r, r))
+        rows = copies * batch
+        z = rng.standard_normal((rows, channels, r // 2, r // 2, 4), np.float32) @ L.T
+        blocks.append(z.reshape(rows, channels, r // 2, r // 2, 2, 2)
+                      .transpose(0, 1, 2, 4, 3, 5).reshape(rows, channels, r, r))
     return init, blocks
 
 
@@ -56,15 +64,17 @@ def worker(args) -> dict:
     import numpy as np
 
     from pixelflow_jax.config import load_config
+    from pixelflow_jax.flops import sampling_flops
     from pixelflow_jax.random_weights import normal_scale_state_dict
     from pixelflow_jax.scheduler import schedule_from_config
 
-    cfg = load_config(os.path.join(ROOT, args.config))
+    cfg = load_config(os.path.join(ROOT, CONFIGS[args.config]))
     p, R = cfg.params, cfg.data.resolution
     schedule = schedule_from_config(cfg.scheduler)
     resolutions = list(schedule.stage_resolutions(R, p.patch_size))
     sd = normal_scale_state_dict(p, seed=0)
-    init, blocks = make_noise(args.batch, resolutions, p.in_channels, seed=1)
+    dopri5 = args.solver == "dopri5"
+    init, blocks = make_noise(args.batch, resolutions, p.in_channels, 1, 2 if dopri5 else 1)
     labels = np.arange(args.batch) % p.num_classes
     times = []
     if args.worker == "jax":
@@ -79,55 +89,64 @@ def worker(args) -> dict:
 
         model = model_from_tree(official_to_nnx(sd, p), cfg, dtype=compute_dtype(args.dtype))
         del sd
-        sampler = Sampler(model, schedule, R)
+        sampler = Sampler(model, schedule, R, solver=args.solver)
         nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
-        noise = CascadeNoise(nhwc(init), tuple(nhwc(b) for b in blocks))
-        run = lambda: jax.block_until_ready(sampler.generate_from_noise(
-            noise, labels=labels, steps=args.steps, guidance=args.cfg))
+        B = args.batch
+        noise = CascadeNoise(nhwc(init), tuple(nhwc(b[:B]) for b in blocks))
+        dup = [nhwc(b[B:]) for b in blocks] if dopri5 else None
+        run = lambda: jax.block_until_ready(sampler.sample_from_noise(
+            noise, labels=labels, steps=args.steps, guidance=args.cfg, dup_blocks=dup))
         run()
         for _ in range(args.repeats):
             start = time.perf_counter()
             out = run()
             times.append(time.perf_counter() - start)
-        out = np.asarray(out).transpose(0, 3, 1, 2)
+        evaluations = np.asarray(out.stats.evaluations, np.float64).mean(axis=1).tolist()
+        out = np.asarray(out.x).transpose(0, 3, 1, 2)
         compile_s = sampler.compile_seconds[0]
         device = jax.devices()[0]
         stats = device.memory_stats() or {}
         peak = stats.get("peak_bytes_in_use", 0) / 2 ** 20 if device.platform == "gpu" \
             else peak_rss_mb()
         where = f"{device.platform}: {device.device_kind}"
+        passes = [1 if w == 0 or args.cfg in (0, 1) else 2 for w in sampler.guidance_weights]
     else:
         import torch
 
+        import torch_dopri5_reference as dref
         import torch_reference as ref
         torch.set_num_threads(os.cpu_count() or 1)
         tsd = {k: torch.from_numpy(v) for k, v in sd.items()}
-        kwargs = dict(guidance=args.cfg, steps=args.steps, class_labels=torch.tensor(labels),
-                      num_stages=schedule.num_stages)
         tinit, tblocks = torch.from_numpy(init), [torch.from_numpy(b) for b in blocks]
+        pd = dataclasses.asdict(p)
+        if dopri5:
+            run = lambda: dref.dopri5_cascade(tsd, pd, tinit, tblocks, guidance=args.cfg,
+                                              class_labels=torch.tensor(labels))
+        else:
+            run = lambda: (ref.euler_cascade(
+                tsd, pd, tinit, tblocks, guidance=args.cfg, steps=args.steps,
+                class_labels=torch.tensor(labels), num_stages=schedule.num_stages),
+                [args.steps] * schedule.num_stages)
         with torch.inference_mode():
-            ref.euler_cascade(tsd, _params_dict(p), tinit, tblocks, **kwargs)  # warm-up
+            run()  # warm-up
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                out = ref.euler_cascade(tsd, _params_dict(p), tinit, tblocks, **kwargs)
+                out, evaluations = run()
                 times.append(time.perf_counter() - start)
         out, compile_s, peak = out.numpy(), 0.0, peak_rss_mb()
         where = f"cpu: torch {torch.__version__}, {torch.get_num_threads()} threads"
+        passes = [2 if args.cfg > 0 else 1] * schedule.num_stages  # the official doubling
     np.save(args.save, out)
     median = sorted(times)[len(times) // 2]
-    return dict(impl=args.worker, config=args.config, batch=args.batch, where=where,
-                compile_s=compile_s, s_per_batch=median, s_per_image=median / args.batch,
-                images_per_s=args.batch / median, peak_mb=peak)
-
-
-def _params_dict(p) -> dict:
-    import dataclasses
-    return dataclasses.asdict(p)
+    flops = sampling_flops(p, resolutions, evaluations, passes)
+    return dict(impl=args.worker, where=where, compile_s=compile_s,
+                s_per_image=median / args.batch, images_per_s=args.batch / median,
+                evaluations=sum(evaluations), gflop=flops / 1e9,
+                gflops=flops * args.batch / median / 1e9, peak_mb=peak)
 
 
 def xl_compile(depths=(28, 4)) -> list[dict]:
-    """Compile time of the XL sampler (abstract weights, nothing allocated)."""
-    import jax.numpy as jnp
+    """Compile time of the XL Euler sampler (abstract weights, nothing allocated)."""
     import numpy as np
 
     from pixelflow_jax.config import load_config
@@ -136,16 +155,15 @@ def xl_compile(depths=(28, 4)) -> list[dict]:
     from pixelflow_jax.scheduler import schedule_from_config
 
     rows = []
-    base = load_config(os.path.join(ROOT, "configs/pixelflow_xl_c2i.yaml"))
+    base = load_config(os.path.join(ROOT, CONFIGS["xl"]))
     for depth in depths:
         cfg = base.replace_params(depth=depth)
         sampler = Sampler(abstract_model(cfg.params), schedule_from_config(cfg.scheduler), 256)
-        start = time.perf_counter()
-        tables = sampler.tables(10, 1.0)
         cond, uncond = sampler.conditioning(labels=np.arange(4))
-        lowered = sampler._jitted["seed"].lower(
-            sampler.state, jnp.uint32(0), jnp.arange(4), jnp.asarray(tables.T),
-            jnp.asarray(tables.dt), jnp.asarray(tables.num_steps), cond, uncond, jnp.float32(4))
+        per_image = {"indices": np.arange(4, dtype=np.int32), "cond": cond, "uncond": uncond}
+        args = sampler._args(per_image, sampler._shared(0, 10, 4.0, 1.0))
+        start = time.perf_counter()
+        lowered = sampler._jitted.lower(*args)
         traced = time.perf_counter() - start
         lowered.compile()
         rows.append(dict(depth=depth, trace_s=traced, total_s=time.perf_counter() - start))
@@ -154,38 +172,41 @@ def xl_compile(depths=(28, 4)) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS,
+                    help=f"CONFIG:SOLVER pairs; configs {sorted(CONFIGS)}, solvers euler, dopri5")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="Euler steps per stage")
-    ap.add_argument("--cfg", type=float, default=4.0, help="guidance")
+    ap.add_argument("--cfg", type=float, default=None,
+                    help="guidance (default 4 for Euler, 2.4 for Dopri5: the FID recipe)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     ap.add_argument("--xl-compile", action="store_true", help="also time the XL compile")
-    ap.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
-    ap.add_argument("--config", help=argparse.SUPPRESS)
-    ap.add_argument("--save", help=argparse.SUPPRESS)
+    for hidden in ("--worker", "--config", "--save", "--solver"):
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         sys.path.insert(0, os.path.join(ROOT, "tests"))
         print(json.dumps(worker(args)))
         return
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
-          f"batch {args.batch}, {args.steps} Euler steps per stage, guidance {args.cfg}\n")
-    print("| config | impl | device | compile s | s/image | images/s | peak MB | speed-up | "
-          "rel. diff |")
-    print("|---|---|---|---|---|---|---|---|---|")
     import numpy as np
-    for config in args.configs:
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
+          f"batch {args.batch}\n")
+    print("| config | solver | impl | device | compile s | s/image | images/s | evals/image | "
+          "GFLOP/image | GFLOP/s | peak MB | speed-up | rel. diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for run in args.runs:
+        config, solver = run.split(":")
+        cfg = args.cfg if args.cfg is not None else (2.4 if solver == "dopri5" else 4.0)
         results = {}
         with tempfile.TemporaryDirectory() as tmp:
             for impl in ["jax"] + ([] if args.no_torch else ["torch"]):
                 save = os.path.join(tmp, f"{impl}.npy")
                 cmd = [sys.executable, __file__, "--worker", impl, "--config", config,
-                       "--save", save, "--batch", str(args.batch), "--steps", str(args.steps),
-                       "--cfg", str(args.cfg), "--repeats", str(args.repeats),
-                       "--dtype", args.dtype]
+                       "--solver", solver, "--save", save, "--batch", str(args.batch),
+                       "--steps", str(args.steps), "--cfg", str(cfg),
+                       "--repeats", str(args.repeats), "--dtype", args.dtype]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode:
                     sys.exit(f"{impl} worker failed:\n{proc.stderr[-3000:]}")
@@ -198,11 +219,13 @@ def main() -> None:
         base = results.get("torch", {}).get("s_per_image")
         for impl, r in results.items():
             speed = f"{base / r['s_per_image']:.1f}x" if base else ""
-            print(f"| {os.path.basename(config)} | {impl} | {r['where']} | {r['compile_s']:.1f} | "
-                  f"{r['s_per_image']:.4f} | {r['images_per_s']:.1f} | {r['peak_mb']:.0f} | "
-                  f"{speed} | {diff if impl == 'jax' else ''} |")
+            print(f"| {config} | {solver} (g={cfg}) | {impl} | {r['where']} | {r['compile_s']:.1f} "
+                  f"| {r['s_per_image']:.4f} | {r['images_per_s']:.2f} | {r['evaluations']:.0f} "
+                  f"| {r['gflop']:.2f} | {r['gflops']:.1f} | {r['peak_mb']:.0f} | {speed} "
+                  f"| {diff if impl == 'jax' else ''} |")
     if args.xl_compile:
-        print("\n| XL sampler (batch 4, 256 px, 10 steps) | trace + lower s | trace + compile s |")
+        print("\n| XL Euler sampler (batch 4, 256 px, 10 steps) | trace + lower s | "
+              "trace + compile s |")
         print("|---|---|---|")
         for row in xl_compile():
             print(f"| depth {row['depth']} | {row['trace_s']:.1f} | {row['total_s']:.1f} |")

@@ -189,7 +189,7 @@ def load_checkpoint(directory: str | os.PathLike, *, dtype: Any = jnp.float32,
     path, config, _ = _open_checked(directory)
     graphdef, state = nnx.split(abstract_model(config.params, dtype=dtype,
                                                attention_impl=attention_impl))
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=sharding, dtype=jnp.float32,
                                                        global_shape=a.shape),
                         nnx.to_pure_dict(state))

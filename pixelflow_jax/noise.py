@@ -12,6 +12,7 @@ and are transposed by :func:`load_noise_npz`.
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import NamedTuple, Sequence
 
 import jax
@@ -89,12 +90,38 @@ def draw_cascade_noise(seed: jax.Array | int, indices: jax.Array,
     return jax.vmap(one)(jnp.asarray(indices))
 
 
+def draw_duplicate_blocks(seed: jax.Array | int, indices: jax.Array,
+                          resolutions: Sequence[int], channels: int,
+                          gamma: float) -> tuple[jax.Array, ...]:
+    """Block noise for the official Dopri5 sampler's duplicated half of the batch.
+
+    The official solver integrates 2B rows, and the second B draw their own block
+    noise; here image i's comes from ``fold_in(image_key(seed, i), 1)``.
+    """
+    factor = jnp.asarray(block_noise_factor(gamma))
+
+    def one(index):
+        key = jax.random.fold_in(image_key(seed, index), 1)
+        z = jax.random.normal(key, (sum(r * r * channels for r in resolutions[1:]),))
+        out, start = [], 0
+        for r in resolutions[1:]:
+            size = r * r * channels
+            out.append(correlate_blocks(z[start:start + size].reshape(r // 2, r // 2, channels,
+                                                                      4), factor))
+            start += size
+        return tuple(out)
+
+    return jax.vmap(one)(jnp.asarray(indices))
+
+
 def load_noise_npz(path: str | os.PathLike, batch: int, resolutions: Sequence[int],
-                   channels: int) -> CascadeNoise:
+                   channels: int) -> tuple[CascadeNoise, tuple[jax.Array, ...] | None]:
     """Read noise written by another implementation (NCHW float32) as NHWC.
 
     The file holds ``init`` [B, C, r_0, r_0] and ``block1`` ... ``block{S-1}``
-    [B, C, r_s, r_s] (the correlated epsilon of SPEC §3). Every problem is a
+    [B, C, r_s, r_s] (the correlated epsilon of SPEC §3). Block arrays may have
+    2B rows, as the official Dopri5 sampler draws them: the second B are its
+    duplicated half's, returned separately (else None). Every problem is a
     :class:`UserError` naming the array.
     """
     path = os.fspath(path)
@@ -103,7 +130,7 @@ def load_noise_npz(path: str | os.PathLike, batch: int, resolutions: Sequence[in
             arrays = {k: f[k] for k in f.files}
     except FileNotFoundError:
         raise UserError(f"noise file {path}: no such file") from None
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"noise file {path}: not a readable .npz file ({e})") from None
     names = ["init"] + [f"block{s}" for s in range(1, len(resolutions))]
     problems = []
@@ -113,12 +140,15 @@ def load_noise_npz(path: str | os.PathLike, batch: int, resolutions: Sequence[in
     extra = sorted(set(arrays) - set(names))
     if extra:
         problems.append(f"unexpected {', '.join(extra)}")
+    rows = {batch} if not names[1:] or names[1] not in arrays \
+        else {batch, 2 * batch} if arrays[names[1]].shape[:1] == (2 * batch,) else {batch}
     out = []
     for name, r in zip(names, resolutions):
         if name not in arrays:
             continue
         a = arrays[name]
-        want = (batch, channels, r, r)
+        n = batch if name == "init" else max(rows)
+        want = (n, channels, r, r)
         if a.shape != want:
             problems.append(f"{name} has shape {list(a.shape)}, expected {list(want)} (NCHW)")
         elif not np.issubdtype(a.dtype, np.floating):
@@ -129,7 +159,9 @@ def load_noise_npz(path: str | os.PathLike, batch: int, resolutions: Sequence[in
             out.append(np.ascontiguousarray(a.astype(np.float32).transpose(0, 2, 3, 1)))
     if problems:
         raise UserError(f"noise file {path}: " + "; ".join(problems))
-    return CascadeNoise(jnp.asarray(out[0]), tuple(jnp.asarray(a) for a in out[1:]))
+    blocks = tuple(jnp.asarray(a[:batch]) for a in out[1:])
+    dup = tuple(jnp.asarray(a[batch:]) for a in out[1:]) if max(rows) == 2 * batch else None
+    return CascadeNoise(jnp.asarray(out[0]), blocks), dup
 
 
 def save_noise_npz(path: str | os.PathLike, noise: CascadeNoise) -> None:

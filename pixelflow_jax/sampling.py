@@ -1,35 +1,37 @@
-"""Euler sampling of the whole PixelFlow cascade under one ``jax.jit`` (SPEC §3-4).
+"""Sampling the whole PixelFlow cascade as one compiled program (SPEC §3-4).
 
-:func:`euler_cascade` is the pure computation; :class:`Sampler` splits a
-model once and jits it. Steps run in ``lax.fori_loop`` with the step count a
-traced value, and guidance, shift (through the tables), seed and labels are
-traced too: changing any of them never recompiles. The compiled program
-depends only on the batch size, the resolution and the table width
-``max_steps``.
+:func:`euler_cascade` is the core Euler computation (``lax.fori_loop`` with a
+traced step count); :mod:`pixelflow_jax.solvers` adds Dopri5 and Euler through
+diffrax. :class:`Sampler` splits a model once and compiles one program per
+input signature, over a ``data`` mesh of every device: the batch is sharded,
+parameters replicated. Euler runs under ``jax.jit`` with ``NamedSharding``;
+Dopri5 under ``shard_map``, so each device integrates its own shard with its
+own step sizes. Guidance, shift, seed, labels and step counts (up to the table
+width) are traced: changing them never recompiles.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from pixelflow_jax import distributed
 from pixelflow_jax import progress as progress_lib
 from pixelflow_jax.errors import UserError
 from pixelflow_jax.model import PixelFlowModel
-from pixelflow_jax.noise import CascadeNoise, draw_cascade_noise
+from pixelflow_jax.noise import CascadeNoise, draw_cascade_noise, draw_duplicate_blocks
 from pixelflow_jax.scheduler import CascadeSchedule, EulerTables
+from pixelflow_jax.solvers import (Dopri5Config, SolveStats, dopri5_cascade, euler_stage_diffrax,
+                                   upsample_nearest)
 
 Conditioning = Mapping[str, jax.Array]
-
-
-def upsample_nearest(x: jax.Array) -> jax.Array:
-    """Nearest-neighbour 2x upsampling of NHWC images."""
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+SOLVERS = ("euler", "euler-diffrax", "dopri5")
 
 
 def stage_guidance(guidance: jax.Array, weight: float) -> jax.Array:
@@ -98,32 +100,48 @@ def to_images(x: jax.Array) -> jax.Array:
     return jnp.round(jnp.clip(x / 2 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
 
+class Samples(NamedTuple):
+    """Final x [B, R, R, C] (model space) and the solver's :class:`SolveStats`."""
+
+    x: jax.Array
+    stats: SolveStats
+
+
 class Sampler:
-    """A model split once, with its cascade jitted.
+    """A model split once, with its cascade compiled for a device mesh.
 
     Args:
       model: a :class:`PixelFlowModel` (its compute dtype is the sampling dtype).
       schedule: the cascade's :class:`CascadeSchedule`.
       resolution: output side length.
-      max_steps: table width compiled for; any steps up to it reuse the program.
-        None: the largest step count of each call (a new width recompiles).
+      solver: ``"euler"`` (the core sampler), ``"euler-diffrax"`` (the same steps
+        through diffrax) or ``"dopri5"``.
+      dopri5: options of the adaptive solver.
+      mesh: devices to shard the batch over (default: all, see
+        :func:`pixelflow_jax.distributed.data_mesh`).
+      max_steps: Euler table width compiled for; any steps up to it reuse the
+        program. None: the largest step count of each call.
       guidance_weights: per-stage class-guidance weights; default the official
         table for class models, constant guidance (all 1) for text models.
-      report_progress: call :func:`pixelflow_jax.progress.report` after each step.
-        JAX never stores programs with host callbacks in its persistent
-        compilation cache, so such a sampler compiles afresh in every process.
+      report_progress: (Euler) call :func:`pixelflow_jax.progress.report` after
+        each step. JAX never stores programs with host callbacks in its
+        persistent compilation cache, so such a sampler compiles in every process.
 
     Programs are compiled ahead of time, once per input signature (batch size,
-    table width, conditioning shapes); ``compile_seconds`` records each
-    compilation and :meth:`precompile` does it before any sampling.
+    table width, conditioning shapes); ``compile_seconds`` records each.
     """
 
     def __init__(self, model: PixelFlowModel, schedule: CascadeSchedule, resolution: int, *,
-                 max_steps: int | None = None,
+                 solver: str = "euler", dopri5: Dopri5Config | None = None,
+                 mesh: jax.sharding.Mesh | None = None, max_steps: int | None = None,
                  guidance_weights: Sequence[float] | None = None,
                  report_progress: bool = False):
+        if solver not in SOLVERS:
+            raise UserError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+        dopri5 = dopri5 or Dopri5Config()
+        dopri5.validate()
         p = model.params
-        self.params, self.schedule = p, schedule
+        self.params, self.schedule, self.solver, self.dopri5 = p, schedule, solver, dopri5
         self.resolutions = schedule.stage_resolutions(resolution, p.patch_size)
         self.resolution, self.max_steps = resolution, max_steps
         self.text = p.cross_attention_dim is not None
@@ -134,51 +152,89 @@ class Sampler:
             raise ValueError(f"need {schedule.num_stages} guidance weights, "
                              f"got {len(guidance_weights)}")
         self.guidance_weights = tuple(float(w) for w in guidance_weights)
-        self.report_progress = report_progress
-        self.graphdef, self.state = nnx.split(model)
-        static = dict(alphas=tuple(st.alpha for st in schedule.stages),
-                      betas=tuple(st.beta for st in schedule.stages),
-                      guidance_weights=self.guidance_weights,
-                      report_progress=report_progress)
-        graphdef, gamma = self.graphdef, schedule.gamma
-        resolutions, channels = self.resolutions, p.in_channels
-
-        def from_noise(state, noise, T, dt, n, cond, uncond, guidance):
-            model = nnx.merge(graphdef, state)
-            return euler_cascade(model, noise, T, dt, n, cond, uncond, guidance, **static)
-
-        def from_seed(state, seed, indices, T, dt, n, cond, uncond, guidance):
-            noise = draw_cascade_noise(seed, indices, resolutions, channels, gamma)
-            return from_noise(state, noise, T, dt, n, cond, uncond, guidance)
-
-        self._jitted = {"noise": jax.jit(from_noise), "seed": jax.jit(from_seed)}
+        self.report_progress = report_progress and solver == "euler"
+        self.mesh = mesh or distributed.data_mesh()
+        self.graphdef, state = nnx.split(model)
+        self.state = distributed.replicate(state, self.mesh)
+        self._jitted = self._build()
         self._executables: dict[Any, Any] = {}
         self.compile_seconds: list[float] = []
 
-    def _compile(self, kind: str, args: tuple) -> Callable:
+    # ------------------------------------------------------------------ the program
+
+    def _build(self) -> Callable:
+        graphdef, schedule, solver = self.graphdef, self.schedule, self.solver
+        alphas = tuple(st.alpha for st in schedule.stages)
+        betas = tuple(st.beta for st in schedule.stages)
+        weights, resolutions = self.guidance_weights, self.resolutions
+        channels, gamma, config = self.params.in_channels, schedule.gamma, self.dopri5
+        report = self.report_progress
+
+        def program(state, per_image, shared):
+            model = nnx.merge(graphdef, state)
+            if "noise" in per_image:
+                noise = per_image["noise"]
+            else:
+                noise = draw_cascade_noise(shared["seed"], per_image["indices"], resolutions,
+                                           channels, gamma)
+            cond, uncond = per_image["cond"], per_image["uncond"]
+            guidance = shared["guidance"]
+            B = noise.init.shape[0]
+
+            def velocity_for_stage(s):
+                g_s = None if weights[s] == 0 else stage_guidance(guidance, weights[s])
+                return lambda x, T, c: guided_velocity(model, x, T, c["cond"], c["uncond"], g_s)
+
+            if solver == "euler":
+                x = euler_cascade(model, noise, shared["T"], shared["dt"], shared["n"], cond,
+                                  uncond, guidance, alphas=alphas, betas=betas,
+                                  guidance_weights=weights, report_progress=report)
+                counts = jnp.broadcast_to(shared["n"][:, None], (len(weights), B))
+                return x, SolveStats(counts, counts, jnp.ones((B,), bool))
+            if solver == "euler-diffrax":
+                x = noise.init.astype(jnp.float32)
+                for s in range(len(weights)):
+                    if s > 0:
+                        x = alphas[s] * upsample_nearest(x) + betas[s] * noise.blocks[s - 1]
+                    x = euler_stage_diffrax(velocity_for_stage(s), x, shared["ts"][s],
+                                            shared["T"][s], {"cond": cond, "uncond": uncond})
+                counts = jnp.asarray([len(t) for t in shared["T"]])[:, None]
+                counts = jnp.broadcast_to(counts, (len(weights), B))
+                return x, SolveStats(counts, counts, jnp.ones((B,), bool))
+            dup_blocks = per_image.get("dup_blocks")
+            if dup_blocks is None and config.error_control == "batch" and config.duplicate \
+                    and "indices" in per_image:
+                dup_blocks = draw_duplicate_blocks(shared["seed"], per_image["indices"],
+                                                   resolutions, channels, gamma)
+            return dopri5_cascade(velocity_for_stage, noise, shared["T_first"],
+                                  shared["T_last"], {"cond": cond, "uncond": uncond},
+                                  alphas=alphas, betas=betas, config=config,
+                                  dup_blocks=dup_blocks)
+
+        mesh = self.mesh
+        batch, stage_batch = P(distributed.AXIS), P(None, distributed.AXIS)
+        out_specs = (batch, SolveStats(stage_batch, stage_batch, batch))
+        if solver == "dopri5":  # each device integrates its own shard
+            program = jax.shard_map(program, mesh=mesh, in_specs=(P(), batch, P()),
+                                    out_specs=out_specs, check_vma=False)
+        named = lambda spec: jax.sharding.NamedSharding(mesh, spec)
+        return jax.jit(program, in_shardings=(named(P()), named(batch), named(P())),
+                       out_shardings=jax.tree.map(named, out_specs))
+
+    def _compile(self, args: tuple) -> Callable:
         leaves, treedef = jax.tree.flatten(args)
-        key = (kind, treedef, tuple((a.shape, jnp.result_type(a)) for a in leaves))
+        key = (treedef, tuple((a.shape, jnp.result_type(a)) for a in leaves))
         executable = self._executables.get(key)
         if executable is None:
             start = time.perf_counter()
-            executable = self._jitted[kind].lower(*args).compile()
+            executable = self._jitted.lower(*args).compile()
             self.compile_seconds.append(time.perf_counter() - start)
             self._executables[key] = executable
         return executable
 
-    def _run(self, kind: str, *args) -> jax.Array:
-        return self._compile(kind, args)(*args)
-
     @property
     def num_compilations(self) -> int:
         return len(self._executables)
-
-    def precompile(self, batch_size: int, steps: int | Sequence[int] = 10) -> float:
-        """Compile the seeded class-conditional program for ``batch_size``; returns seconds."""
-        before = sum(self.compile_seconds)
-        self._compile("seed", self._seed_args(0, np.arange(batch_size), steps, 1.0, 1.0,
-                                              {"labels": np.zeros(batch_size, np.int64)}))
-        return sum(self.compile_seconds) - before
 
     # ------------------------------------------------------------------ inputs
 
@@ -186,10 +242,29 @@ class Sampler:
         """Euler tables for a request, padded to ``max_steps``."""
         return self.schedule.euler_tables(steps, shift, self.max_steps)
 
+    def _shared(self, seed: int, steps, guidance: float, shift: float) -> dict:
+        if not np.isfinite(guidance) or guidance < 0:
+            raise UserError(f"guidance must be a finite number >= 0, got {guidance}")
+        if not 0 <= int(seed) < 2 ** 32:
+            raise UserError(f"seed must be in [0, 2^32), got {seed}")
+        shared = {"seed": np.uint32(seed), "guidance": np.float32(guidance)}
+        if self.solver == "euler":
+            tables = self.tables(steps, shift)
+            shared.update(T=tables.T, dt=tables.dt, n=tables.num_steps)
+        elif self.solver == "euler-diffrax":
+            steps = self.schedule.steps_per_stage(steps)
+            grids = [self.schedule.inference_timesteps(s, n, shift) for s, n in enumerate(steps)]
+            shared.update(T=tuple(T.astype(np.float32) for T, _ in grids),
+                          ts=tuple(t.astype(np.float32) for _, t in grids))
+        else:
+            shared.update(T_first=np.float32([st.T_first for st in self.schedule.stages]),
+                          T_last=np.float32([st.T_last for st in self.schedule.stages]))
+        return distributed.replicate(shared, self.mesh)
+
     def conditioning(self, labels: Any = None, context: Any = None, context_mask: Any = None,
                      null_context: Any = None,
                      null_context_mask: Any = None) -> tuple[dict, dict]:
-        """(cond, uncond) model inputs for class labels or text features."""
+        """(cond, uncond) model inputs (host NumPy) for class labels or text features."""
         p = self.params
         if not self.text:
             if labels is None:
@@ -201,57 +276,75 @@ class Sampler:
             if bad.size:
                 raise UserError(f"class id {int(bad[0])} is outside [0, {p.num_classes}) "
                                 f"(or {p.num_classes} for the null label)")
-            labels = jnp.asarray(labels, jnp.int32)
+            labels = labels.astype(np.int32)
             return ({"class_labels": labels},
-                    {"class_labels": jnp.full_like(labels, p.num_classes)})
+                    {"class_labels": np.full_like(labels, p.num_classes)})
         if context is None or null_context is None:
             raise UserError("this text model needs context and null_context (the empty prompt)")
+        context, null_context = np.asarray(context, np.float32), np.asarray(null_context,
+                                                                            np.float32)
         B = context.shape[0]
-        ones = lambda c: jnp.ones(c.shape[:2], jnp.float32)
-        mask = ones(context) if context_mask is None else jnp.asarray(context_mask, jnp.float32)
+        ones = lambda c: np.ones(c.shape[:2], np.float32)
+        mask = ones(context) if context_mask is None else np.asarray(context_mask, np.float32)
         null_mask = ones(null_context) if null_context_mask is None \
-            else jnp.asarray(null_context_mask, jnp.float32)
-        null_context = jnp.broadcast_to(null_context, (B,) + null_context.shape[1:])
-        null_mask = jnp.broadcast_to(null_mask, (B,) + null_mask.shape[1:])
-        return ({"context": jnp.asarray(context, jnp.float32), "context_mask": mask},
-                {"context": jnp.asarray(null_context, jnp.float32), "context_mask": null_mask})
+            else np.asarray(null_context_mask, np.float32)
+        null_context = np.broadcast_to(null_context, (B,) + null_context.shape[1:])
+        null_mask = np.broadcast_to(null_mask, (B,) + null_mask.shape[1:])
+        return ({"context": context, "context_mask": mask},
+                {"context": null_context, "context_mask": null_mask})
 
-    @staticmethod
-    def _check_guidance(guidance: float) -> jax.Array:
-        if not np.isfinite(guidance) or guidance < 0:
-            raise UserError(f"guidance must be a finite number >= 0, got {guidance}")
-        return jnp.float32(guidance)
+    def _args(self, per_image: dict, shared: dict) -> tuple:
+        rows = len(jax.tree.leaves(per_image)[0])
+        devices = self.mesh.size
+        if (rows * jax.process_count()) % devices:
+            raise UserError(f"the batch ({rows} images) must be a multiple of the number of "
+                            f"devices ({devices})")
+        return self.state, distributed.to_global(per_image, self.mesh), shared
 
     # ------------------------------------------------------------------ sampling
 
-    def _seed_args(self, seed: int, indices: Any, steps: int | Sequence[int], guidance: float,
-                   shift: float, conditioning: dict) -> tuple:
-        tables = self.tables(steps, shift)
-        cond, uncond = self.conditioning(**conditioning)
-        if not 0 <= int(seed) < 2 ** 32:
-            raise UserError(f"seed must be in [0, 2^32), got {seed}")
-        return (self.state, jnp.uint32(seed), jnp.asarray(indices, jnp.int32),
-                jnp.asarray(tables.T), jnp.asarray(tables.dt), jnp.asarray(tables.num_steps),
-                cond, uncond, self._check_guidance(guidance))
+    def sample(self, seed: int, indices: Any, *, steps: int | Sequence[int] = 10,
+               guidance: float = 4.0, shift: float = 1.0, **conditioning) -> Samples:
+        """Images ``indices`` (global image numbers; this host's rows) under ``seed``.
 
-    def generate(self, seed: int, indices: Any, *, steps: int | Sequence[int] = 10,
-                 guidance: float = 4.0, shift: float = 1.0, **conditioning) -> jax.Array:
-        """Final x [B, R, R, C] for images ``indices`` (global numbers) under ``seed``.
-
-        Each image's noise comes from ``(seed, index)`` alone, so an image is the
-        same in any batch. ``conditioning``: ``labels=`` or the text inputs of
-        :meth:`conditioning`.
+        Each image's noise comes from ``(seed, index)`` alone. ``conditioning``:
+        ``labels=`` or the text inputs of :meth:`conditioning`. ``steps`` and
+        ``shift`` apply to the Euler solvers; Dopri5 ignores them (as the official).
         """
-        return self._run("seed", *self._seed_args(seed, indices, steps, guidance, shift,
-                                                  conditioning))
-
-    def generate_from_noise(self, noise: CascadeNoise, *, steps: int | Sequence[int] = 10,
-                            guidance: float = 4.0, shift: float = 1.0,
-                            **conditioning) -> jax.Array:
-        """Like :meth:`generate` with the noise given (e.g. another implementation's)."""
-        tables = self.tables(steps, shift)
         cond, uncond = self.conditioning(**conditioning)
-        noise = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), noise)
-        return self._run("noise", self.state, noise, jnp.asarray(tables.T),
-                         jnp.asarray(tables.dt), jnp.asarray(tables.num_steps), cond, uncond,
-                         self._check_guidance(guidance))
+        per_image = {"indices": np.asarray(indices, np.int32), "cond": cond, "uncond": uncond}
+        args = self._args(per_image, self._shared(seed, steps, guidance, shift))
+        return Samples(*self._compile(args)(*args))
+
+    def sample_from_noise(self, noise: CascadeNoise, *, steps: int | Sequence[int] = 10,
+                          guidance: float = 4.0, shift: float = 1.0,
+                          dup_blocks: Sequence[Any] | None = None, **conditioning) -> Samples:
+        """Like :meth:`sample` with the noise given (NHWC; e.g. another implementation's).
+
+        ``dup_blocks``: Dopri5's duplicated-half block noise (batch error control).
+        """
+        cond, uncond = self.conditioning(**conditioning)
+        per_image = {"noise": jax.tree.map(lambda a: np.asarray(a, np.float32), noise),
+                     "cond": cond, "uncond": uncond}
+        if dup_blocks is not None:
+            per_image["dup_blocks"] = tuple(np.asarray(b, np.float32) for b in dup_blocks)
+        args = self._args(per_image, self._shared(0, steps, guidance, shift))
+        return Samples(*self._compile(args)(*args))
+
+    def generate(self, seed: int, indices: Any, **kwargs) -> jax.Array:
+        """:meth:`sample`, returning only x."""
+        return self.sample(seed, indices, **kwargs).x
+
+    def generate_from_noise(self, noise: CascadeNoise, **kwargs) -> jax.Array:
+        """:meth:`sample_from_noise`, returning only x."""
+        return self.sample_from_noise(noise, **kwargs).x
+
+    def precompile(self, batch_size: int, steps: int | Sequence[int] = 10) -> float:
+        """Compile the seeded class-conditional program for ``batch_size``; returns seconds."""
+        before = sum(self.compile_seconds)
+        cond, uncond = self.conditioning(labels=np.zeros(batch_size, np.int64))
+        per_image = {"indices": np.arange(batch_size, dtype=np.int32), "cond": cond,
+                     "uncond": uncond}
+        self._compile(self._args(per_image, self._shared(0, steps, 1.0, 1.0)))
+        return sum(self.compile_seconds) - before
+

@@ -71,7 +71,11 @@ BAD = [
     (["--resolution", "100"], "resolution 100 does not work with 4 stages"),
     (["--num-images", "0"], "--num-images must be >= 1"),
     (["--seed", "-3"], "--seed must be in"),
-    (["--solver", "dopri5"], "invalid choice: 'dopri5'"),
+    (["--solver", "rk4"], "invalid choice: 'rk4'"),
+    (["--rtol", "0"], "--rtol must be a finite number > 0"),
+    (["--max-steps", "0"], "--max-steps must be >= 1"),
+    (["--fid-samples", "10"], "give --out a folder path"),
+    (["--fid-samples", "0"], "--fid-samples must be >= 1"),
     (["--noise-from", "/nonexistent.npz"], "no such file"),
 ]
 
@@ -110,5 +114,6 @@ def test_real_process_exit_code_and_help(ckpt_dir, tmp_path):
                                capture_output=True, text=True).stdout
     for flag in ("--ckpt", "--classes", "--num-images", "--seed", "--cfg", "--steps", "--shift",
                  "--solver", "--dtype", "--out", "--batch-size", "--resolution", "--noise-from",
-                 "--attention", "--progress", "--quiet"):
+                 "--attention", "--progress", "--quiet", "--rtol", "--atol", "--max-steps",
+                 "--error-control", "--fid-samples", "--distributed"):
         assert flag in help_text

@@ -275,10 +275,17 @@ def test_destination_and_source_errors(official, tmp_path, capsys):
 
 
 def test_library_and_converter_never_import_torch(official, tmp_path):
-    code = ("import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
+    code = ("import sys\n"
+            "class NoTorch:\n"  # any `import torch` now fails
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch': raise ImportError('torch blocked')\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
             "import runpy, pixelflow_jax.sampling, pixelflow_jax.checkpoint\n"
             f"sys.argv = ['convert_torch.py', {str(official)!r}, {str(tmp_path / 'o')!r}]\n"
-            "runpy.run_path('convert_torch.py', run_name='__main__')\n")
+            "try:\n"
+            "    runpy.run_path('convert_torch.py', run_name='__main__')\n"
+            "finally:\n"
+            "    assert 'torch' not in sys.modules\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -57,7 +57,8 @@ def test_noise_file_round_trip_and_errors(tmp_path):
     save_noise_npz(path, noise)
     with np.load(path) as f:
         assert f["init"].shape == (2, 3, 4, 4) and f["block3"].shape == (2, 3, 32, 32)  # NCHW
-    back = load_noise_npz(path, 2, RES, 3)
+    back, dup = load_noise_npz(path, 2, RES, 3)
+    assert dup is None
     np.testing.assert_array_equal(back.init, noise.init)
     np.testing.assert_array_equal(back.blocks[2], noise.blocks[2])
 
@@ -77,3 +78,12 @@ def test_noise_file_round_trip_and_errors(tmp_path):
     with pytest.raises(UserError, match="wrong batch|expected \\[3, 3, 4, 4\\]"):
         load_noise_npz(path, 3, RES, 3)
     assert isinstance(back, CascadeNoise)
+    # Blocks with 2B rows: the official Dopri5 sampler's duplicated half comes back apart.
+    doubled = {"init": np.asarray(noise.init).transpose(0, 3, 1, 2)}
+    for s, b in enumerate(noise.blocks, start=1):
+        b = np.asarray(b).transpose(0, 3, 1, 2)
+        doubled[f"block{s}"] = np.concatenate([b, -b])
+    np.savez(tmp_path / "doubled.npz", **doubled)
+    back, dup = load_noise_npz(tmp_path / "doubled.npz", 2, RES, 3)
+    np.testing.assert_array_equal(back.blocks[1], noise.blocks[1])
+    np.testing.assert_array_equal(dup[1], -np.asarray(noise.blocks[1]))
