@@ -145,8 +145,8 @@ def worker(args) -> dict:
                 gflops=flops * args.batch / median / 1e9, peak_mb=peak)
 
 
-def xl_compile(depths=(28, 4)) -> list[dict]:
-    """Compile time of the XL Euler sampler (abstract weights, nothing allocated)."""
+def xl_compile(cases=(("euler", 28), ("euler", 4), ("dopri5", 28))) -> list[dict]:
+    """Compile time of the XL sampler (abstract weights, nothing allocated)."""
     import numpy as np
 
     from pixelflow_jax.config import load_config
@@ -156,9 +156,10 @@ def xl_compile(depths=(28, 4)) -> list[dict]:
 
     rows = []
     base = load_config(os.path.join(ROOT, CONFIGS["xl"]))
-    for depth in depths:
+    for solver, depth in cases:
         cfg = base.replace_params(depth=depth)
-        sampler = Sampler(abstract_model(cfg.params), schedule_from_config(cfg.scheduler), 256)
+        sampler = Sampler(abstract_model(cfg.params), schedule_from_config(cfg.scheduler), 256,
+                          solver=solver)
         cond, uncond = sampler.conditioning(labels=np.arange(4))
         per_image = {"indices": np.arange(4, dtype=np.int32), "cond": cond, "uncond": uncond}
         args = sampler._args(per_image, sampler._shared(0, 10, 4.0, 1.0))
@@ -166,13 +167,14 @@ def xl_compile(depths=(28, 4)) -> list[dict]:
         lowered = sampler._jitted.lower(*args)
         traced = time.perf_counter() - start
         lowered.compile()
-        rows.append(dict(depth=depth, trace_s=traced, total_s=time.perf_counter() - start))
+        rows.append(dict(solver=solver, depth=depth, trace_s=traced,
+                         total_s=time.perf_counter() - start))
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS,
+    ap.add_argument("--runs", nargs="*", default=DEFAULT_RUNS,
                     help=f"CONFIG:SOLVER pairs; configs {sorted(CONFIGS)}, solvers euler, dopri5")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="Euler steps per stage")
@@ -224,11 +226,11 @@ def main() -> None:
                   f"| {r['gflop']:.2f} | {r['gflops']:.1f} | {r['peak_mb']:.0f} | {speed} "
                   f"| {diff if impl == 'jax' else ''} |")
     if args.xl_compile:
-        print("\n| XL Euler sampler (batch 4, 256 px, 10 steps) | trace + lower s | "
-              "trace + compile s |")
+        print("\n| XL sampler (batch 4, 256 px) | trace + lower s | trace + compile s |")
         print("|---|---|---|")
         for row in xl_compile():
-            print(f"| depth {row['depth']} | {row['trace_s']:.1f} | {row['total_s']:.1f} |")
+            print(f"| {row['solver']}, depth {row['depth']} | {row['trace_s']:.1f} | "
+                  f"{row['total_s']:.1f} |")
 
 
 if __name__ == "__main__":

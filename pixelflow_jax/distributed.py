@@ -58,12 +58,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def local_batch_size(global_batch: int, mesh: Mesh) -> int:
-    """Rows of a global batch that this host holds."""
-    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    return global_batch * local // mesh.size
-
-
 def to_global(tree: Any, mesh: Mesh) -> Any:
     """This host's rows (NumPy, axis 0) as global arrays sharded along ``data``."""
     sharding = batch_sharding(mesh)
@@ -102,10 +96,12 @@ def to_local(tree: Any) -> Any:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Put a tree (the same values on every host) on every device of ``mesh``."""
     sharding = replicated(mesh)
-    if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
 
     def one(a):
+        if isinstance(a, jax.ShapeDtypeStruct):  # abstract (ahead-of-time compilation)
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+        if jax.process_count() == 1:
+            return jax.device_put(a, sharding)
         host = np.asarray(a)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
