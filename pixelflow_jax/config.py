@@ -99,14 +99,49 @@ class SchedulerConfig:
             raise ConfigError(f"scheduler.gamma must be negative, got {self.gamma}")
 
 
+def _ours(default: Any) -> Any:
+    """A key of our own (absent from official files): written only when changed."""
+    return dataclasses.field(default=default, metadata=_OMIT_DEFAULT)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
+    """``train``: the official keys, then ours (see README.md, "Training")."""
+
     lr: float = 1e-4
     weight_decay: float = 0.0
     epochs: int = 10
+    steps: int | None = _ours(None)  # total optimizer steps; default: epochs of the data
+    warmup_steps: int = _ours(0)
+    schedule: str = _ours("constant")  # or "cosine" (to 0 at the last step, after warm-up)
+    grad_clip: float = _ours(1.0)
+    ema_decay: float = _ours(0.9999)
+    label_dropout: float = _ours(0.1)
+    dtype: str = _ours("auto")  # compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
+    remat: bool = _ours(False)  # rematerialise each block in the backward pass
+    fsdp: int = _ours(1)  # devices per parameter shard (the mesh's fsdp axis)
+    log_every: int = _ours(10)
+    save_every: int = _ours(1000)
+    keep: int = _ours(3)  # checkpoints kept
+    sample_every: int = _ours(0)  # EMA sample grid every N steps (0: never)
 
     def validate(self) -> None:
-        pass
+        for name in ("epochs", "log_every", "save_every", "keep", "fsdp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
+        if self.warmup_steps < 0 or self.sample_every < 0:
+            raise ConfigError("train.warmup_steps and train.sample_every must be >= 0")
+        if not self.lr > 0 or self.weight_decay < 0 or not self.grad_clip > 0:
+            raise ConfigError("train.lr and train.grad_clip must be > 0, "
+                              "train.weight_decay >= 0")
+        if not 0 <= self.ema_decay < 1 or not 0 <= self.label_dropout < 1:
+            raise ConfigError("train.ema_decay and train.label_dropout must be in [0, 1)")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"train.schedule must be constant or cosine, got {self.schedule!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"train.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -116,11 +151,19 @@ class DataConfig:
     resolution: int
     expand_ratio: float = 1.125
     num_workers: int = 4
-    batch_size: int = 4
+    batch_size: int = 4  # per device, as the official per-GPU batch
+    source: str = _ours("imagefolder")  # or "tfds"
+    tfds_name: str = _ours("imagenet2012")
+    tfds_data_dir: str | None = _ours(None)
+    split: str = _ours("train")
 
     def validate(self) -> None:
         if self.resolution < 1:
             raise ConfigError(f"data.resolution must be >= 1, got {self.resolution}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ConfigError("data.batch_size must be >= 1 and data.num_workers >= 0")
+        if self.source not in ("imagefolder", "tfds"):
+            raise ConfigError(f"data.source must be imagefolder or tfds, got {self.source!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -241,8 +284,30 @@ def config_from_dict(data: Any, source: str = "<dict>") -> PixelFlowConfig:
     return cfg
 
 
-def load_config(path: str | os.PathLike) -> PixelFlowConfig:
-    """Read a ``config.yaml`` (official layout) and validate every key."""
+def apply_overrides(data: Any, overrides: list[str], source: str = "--set") -> Any:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to raw config data."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{source}: expected KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"{source}: cannot read the value of {key!r}: {text!r}") from None
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {key!r} does not name a config key")
+            node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {key!r} does not name a config key")
+        node[leaf] = value
+    return data
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PixelFlowConfig:
+    """Read a ``config.yaml`` (official layout), apply ``overrides``, validate every key."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -254,6 +319,11 @@ def load_config(path: str | os.PathLike) -> PixelFlowConfig:
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid YAML"
         raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if overrides:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        apply_overrides(data, overrides)
+        path = f"{path} (with --set {' '.join(overrides)})"
     return config_from_dict(data, path)
 
 

@@ -155,12 +155,22 @@ class Sampler:
         self.report_progress = report_progress and solver == "euler"
         self.mesh = mesh or distributed.data_mesh()
         self.graphdef, state = nnx.split(model)
-        self.state = distributed.replicate(state, self.mesh)
+        self.state = distributed.replicate(nnx.to_pure_dict(state), self.mesh)
         self._jitted = self._build()
         self._executables: dict[Any, Any] = {}
         self.compile_seconds: list[float] = []
 
     # ------------------------------------------------------------------ the program
+
+    def set_params(self, params: dict) -> None:
+        """Swap in other weights of the same shapes (e.g. the EMA during training); the
+        compiled programs are reused."""
+        if jax.tree.structure(params) != jax.tree.structure(self.state):
+            raise ValueError("set_params needs the parameter tree of this sampler's model")
+        if all(isinstance(a, jax.Array) for a in jax.tree.leaves(params)):
+            self.state = jax.device_put(params, distributed.replicated(self.mesh))
+        else:
+            self.state = distributed.replicate(params, self.mesh)
 
     def _build(self) -> Callable:
         graphdef, schedule, solver = self.graphdef, self.schedule, self.solver

@@ -95,3 +95,33 @@ def nchw(x) -> torch.Tensor:
 def rel_err(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def draw_shapes_folder(root, per_class: int = 16, size: int = 24, seed: int = 0) -> str:
+    """A small real image dataset: 3 classes (red disks, green squares, blue stripes) at
+    random positions and sizes, as an ImageFolder tree of PNG and JPEG files."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(["disk", "square", "stripes"]):
+        folder = os.path.join(root, name)
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 60, 3)))
+            d = ImageDraw.Draw(img)
+            r = int(rng.integers(5, 10))
+            cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+            if label == 0:
+                d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(230, 40, 40))
+            elif label == 1:
+                d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=(40, 220, 60))
+            else:
+                for y in range(int(rng.integers(0, 4)), size, 6):
+                    d.rectangle([0, y, size, y + 2], fill=(50, 80, 240))
+            img.save(os.path.join(folder, f"{i:03d}.{'jpg' if i % 4 == 0 else 'png'}"))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def shapes_folder(tmp_path_factory) -> str:
+    return draw_shapes_folder(tmp_path_factory.mktemp("shapes"))
