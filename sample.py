@@ -2,6 +2,7 @@
 """Sample images from a PixelFlow checkpoint folder.
 
 Examples:
+  python sample.py                      (the embedded digits model: one row per digit)
   python sample.py --ckpt CKPT_DIR --classes 207 360 --num-images 4 --out grid.png
   python sample.py --ckpt CKPT_DIR --solver dopri5 --cfg 2.4 --fid-samples 50000 --out fid/
 
@@ -39,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog=__doc__.split("\n\n", 1)[1],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--ckpt", required=True, metavar="DIR",
+    add("--ckpt", default=None, metavar="DIR",
         help="checkpoint folder (config.yaml + params/) written by this project or by "
-             "convert_torch.py")
+             "convert_torch.py (default: the embedded model, a small PixelFlow trained on "
+             "handwritten digits, pixelflow_jax/weights/digits)")
     add("--classes", type=_int_list, nargs="+", metavar="ID",
         help="class ids, space- or comma-separated (default: 8 well-known classes for "
              "ImageNet models, else the first 10 classes)")
@@ -175,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
                         "folder (or use --fid-samples)")
     runtime.enable_compilation_cache()
     dtype = runtime.compute_dtype(args.dtype)
+    if args.ckpt is None:
+        from pixelflow_jax.default_model import default_checkpoint
+        args.ckpt = default_checkpoint()
     model, cfg = load_checkpoint(args.ckpt, dtype=dtype, attention_impl=args.attention)
     p = cfg.params
     if p.num_classes == 0:

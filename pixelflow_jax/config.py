@@ -156,6 +156,7 @@ class DataConfig:
     tfds_name: str = _ours("imagenet2012")
     tfds_data_dir: str | None = _ours(None)
     split: str = _ours("train")
+    hflip: bool = _ours(True)  # random horizontal flips (off for digits, text, ...)
 
     def validate(self) -> None:
         if self.resolution < 1:

@@ -221,18 +221,20 @@ def resize_short_side(img: Image.Image, size: int) -> Image.Image:
     return img.resize(new, resample=Image.LANCZOS)  # same size: PIL returns a copy
 
 
-def _flip(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _flip(arr: np.ndarray, rng: np.random.Generator, hflip: bool = True) -> np.ndarray:
     # Drawn after the crop offsets, as torchvision's RandomHorizontalFlip follows RandomCrop.
-    return arr[:, ::-1] if rng.random() < 0.5 else arr
+    # hflip=False (e.g. digits, text) draws nothing, so the crop randomness is unchanged.
+    return arr[:, ::-1] if hflip and rng.random() < 0.5 else arr
 
 
 def random_resized_crop(img: Image.Image, resolution: int, expand_ratio: float,
-                        rng: np.random.Generator) -> np.ndarray:
+                        rng: np.random.Generator, hflip: bool = True) -> np.ndarray:
     """The official training augmentation, as uint8 ``[R, R, 3]``.
 
     Resize the short side to ``round(R * expand_ratio)`` (:func:`resize_short_side`),
     crop ``R x R`` at uniform integer offsets, flip horizontally with probability
-    1/2. All randomness comes from ``rng`` (top, then left, then flip).
+    1/2 (unless ``hflip`` is False). All randomness comes from ``rng`` (top, then
+    left, then flip).
     """
     if expand_ratio < 1:
         raise UserError(f"expand_ratio must be >= 1 for a random crop, got {expand_ratio}")
@@ -241,11 +243,13 @@ def random_resized_crop(img: Image.Image, resolution: int, expand_ratio: float,
     top = int(rng.integers(0, h - resolution + 1))
     left = int(rng.integers(0, w - resolution + 1))
     arr = np.asarray(img.crop((left, top, left + resolution, top + resolution)))
-    return np.array(_flip(arr, rng))  # a writable, contiguous copy
+    return np.array(_flip(arr, rng, hflip))  # a writable, contiguous copy
 
 
-def center_crop(img: Image.Image, resolution: int, rng: np.random.Generator) -> np.ndarray:
-    """ADM/DiT's ``center_crop_arr`` then a horizontal flip (probability 1/2), uint8 ``[R, R, 3]``.
+def center_crop(img: Image.Image, resolution: int, rng: np.random.Generator,
+                hflip: bool = True) -> np.ndarray:
+    """ADM/DiT's ``center_crop_arr`` then a horizontal flip (probability 1/2 if ``hflip``),
+    uint8 ``[R, R, 3]``.
 
     Halve with BOX while the short side is >= 2R, scale so the short side is R
     (each side ``round(x * scale)``, BICUBIC), crop the centre.
@@ -258,19 +262,19 @@ def center_crop(img: Image.Image, resolution: int, rng: np.random.Generator) -> 
     top = (arr.shape[0] - resolution) // 2
     left = (arr.shape[1] - resolution) // 2
     arr = arr[top:top + resolution, left:left + resolution]
-    return np.array(_flip(arr, rng))
+    return np.array(_flip(arr, rng, hflip))
 
 
 def augment(raw: bytes, resolution: int, expand_ratio: float, center_crop_: bool,
-            rng: np.random.Generator) -> np.ndarray:
+            rng: np.random.Generator, hflip: bool = True) -> np.ndarray:
     """Decode ``raw`` and apply :func:`center_crop` or :func:`random_resized_crop`.
 
     Raises :class:`CorruptImageError` if ``raw`` does not decode.
     """
     img = decode_rgb(raw)
     if center_crop_:
-        return center_crop(img, resolution, rng)
-    return random_resized_crop(img, resolution, expand_ratio, rng)
+        return center_crop(img, resolution, rng, hflip)
+    return random_resized_crop(img, resolution, expand_ratio, rng, hflip)
 
 
 # --------------------------------------------------------------------------- loader
@@ -292,7 +296,7 @@ class Loader:
     def __init__(self, source: Source, batch_size: int, resolution: int, *,
                  expand_ratio: float = 1.125, center_crop: bool = False, seed: int = 0,
                  num_workers: int = 4, process_index: int = 0, process_count: int = 1,
-                 state: dict | None = None, prefetch: int = 2):
+                 state: dict | None = None, prefetch: int = 2, hflip: bool = True):
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
         if resolution < 1:
@@ -311,6 +315,7 @@ class Loader:
         self.resolution = resolution
         self.expand_ratio = expand_ratio
         self.center_crop = center_crop
+        self.hflip = hflip
         self.seed = seed
         self.process_index, self.process_count = process_index, process_count
         self._size = len(source)
@@ -433,7 +438,8 @@ class Loader:
         raw, label = self.source.get(index)
         rng = np.random.default_rng([self.seed, epoch, index, 1])
         try:
-            return augment(raw, self.resolution, self.expand_ratio, self.center_crop, rng), label
+            return augment(raw, self.resolution, self.expand_ratio, self.center_crop, rng,
+                           self.hflip), label
         except CorruptImageError as e:
             return e
 

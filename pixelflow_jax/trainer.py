@@ -187,7 +187,7 @@ class Trainer:
         loader = Loader(source, self.host_batch, d.resolution, expand_ratio=d.expand_ratio,
                         center_crop=d.center_crop, seed=self.cfg.seed,
                         num_workers=d.num_workers, process_index=jax.process_index(),
-                        process_count=jax.process_count(), state=state)
+                        process_count=jax.process_count(), state=state, hflip=d.hflip)
         return source, loader
 
     def global_batch_arrays(self, batch: dict) -> dict:

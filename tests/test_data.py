@@ -451,6 +451,29 @@ def test_loader_center_crop_and_close(source):
         ld.next()
 
 
+def test_hflip_off_never_flips(source):
+    # Digits and text must not be mirrored: data.hflip=false turns the flip off and
+    # leaves the crop randomness as it was (the flip is drawn last).
+    img = noise_image(30, 40, 5)
+    base = center_crop(img, R, None, hflip=False)
+    flipped = 0
+    for s in range(20):
+        np.testing.assert_array_equal(center_crop(img, R, np.random.default_rng(s),
+                                                  hflip=False), base)
+        out = center_crop(img, R, np.random.default_rng(s))
+        flipped += not np.array_equal(out, base)
+        np.testing.assert_array_equal(out, base if np.array_equal(out, base) else base[:, ::-1])
+        a = random_resized_crop(img, R, 1.4, np.random.default_rng(s), hflip=False)
+        b = random_resized_crop(img, R, 1.4, np.random.default_rng(s))
+        assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
+    assert 0 < flipped < 20
+    with Loader(source, 4, R, center_crop=True, num_workers=0, seed=1, hflip=False) as ld:
+        for batch in run(ld, 3):
+            for img_, i in zip(batch["images"], batch["indices"]):
+                want = center_crop(decode_rgb(source.get(int(i))[0]), R, None, hflip=False)
+                np.testing.assert_array_equal(img_, want)
+
+
 def test_loader_argument_errors(source):
     with pytest.raises(UserError, match="expand_ratio"):
         Loader(source, 4, R, expand_ratio=0.9)
