@@ -11,12 +11,26 @@ from pixelflow_jax.noise import (CascadeNoise, block_covariance, block_noise_fac
 
 GAMMA = -1 / 3
 RES = (4, 8, 16, 32)
+# DESIGN §3: (1 - gamma) I + gamma 1 1^T + 1e-6 I at gamma = -1/3: variance 1 (+1e-6) on the
+# diagonal, covariance -1/3 between any two pixels of a block.
+COV = np.array([[1 + 1e-6, -1 / 3, -1 / 3, -1 / 3],
+                [-1 / 3, 1 + 1e-6, -1 / 3, -1 / 3],
+                [-1 / 3, -1 / 3, 1 + 1e-6, -1 / 3],
+                [-1 / 3, -1 / 3, -1 / 3, 1 + 1e-6]])
 
 
-def test_factor_reproduces_covariance():
-    L = block_noise_factor(GAMMA).astype(np.float64)
-    np.testing.assert_allclose(L @ L.T, block_covariance(GAMMA), atol=1e-6)
-    assert L[3, 3] == pytest.approx(0.0020, abs=1e-4)  # SPEC: nearly singular
+def test_covariance_and_factor_check_values():
+    np.testing.assert_allclose(block_covariance(GAMMA), COV, rtol=0, atol=1e-15)
+    L = block_noise_factor(GAMMA)
+    assert L.dtype == np.float32
+    assert np.all(np.triu(L, 1) == 0)                     # lower triangular
+    L = L.astype(np.float64)
+    np.testing.assert_allclose(L @ L.T, COV, atol=1e-6)
+    # L_00 = sqrt(1 + 1e-6). L_33^2 = det(Sigma) / det(Sigma_3x3): Sigma's eigenvalues are
+    # 4/3 + eps (x3) and eps; its leading 3x3 block's are 4/3 + eps (x2) and 1/3 + eps, so
+    # L_33 = sqrt((4/3 + eps) eps / (1/3 + eps)) = 0.00199999775 (nearly singular).
+    assert L[0, 0] == pytest.approx(1.0000005, abs=1e-7)
+    assert L[3, 3] == pytest.approx(0.0019999977500054844, abs=2e-9)
 
 
 def test_blocks_fill_row_major():
@@ -30,7 +44,7 @@ def test_block_noise_statistics():
     eps = np.asarray(noise.blocks[0], np.float64)           # [4, 128, 128, 3]
     blocks = eps.reshape(4, 64, 2, 64, 2, 3).transpose(0, 1, 3, 5, 2, 4).reshape(-1, 4)
     cov = blocks.T @ blocks / len(blocks)                   # 49,152 blocks
-    np.testing.assert_allclose(cov, block_covariance(GAMMA), atol=0.03)
+    np.testing.assert_allclose(cov, COV, atol=0.03)
     # Each 2x2 block sums to ~0 (variance 4e-6); a wrong placement would not.
     assert np.abs(blocks.sum(1)).max() < 0.02
     shifted = eps[:, 1:-1, 1:-1].reshape(4, 63, 2, 63, 2, 3).sum(axis=(2, 4))
@@ -68,15 +82,22 @@ def test_noise_file_round_trip_and_errors(tmp_path):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(UserError) as e:
         load_noise_npz(tmp_path / "bad.npz", 2, RES, 3)
-    msg = str(e.value)
-    for part in ("missing block3", "unexpected junk", "block1 has shape [2, 3, 9, 9]",
-                 "block2 has dtype int32"):
-        assert part in msg
+    assert str(e.value) == (f"noise file {tmp_path / 'bad.npz'}: missing block3; unexpected junk; "
+                            "block1 has shape [2, 3, 9, 9], expected [2, 3, 8, 8] (NCHW); "
+                            "block2 has dtype int32, expected float32")
     (tmp_path / "text.npz").write_text("not a zip")
-    with pytest.raises(UserError, match="not a readable .npz"):
+    with pytest.raises(UserError) as e:
         load_noise_npz(tmp_path / "text.npz", 2, RES, 3)
-    with pytest.raises(UserError, match="wrong batch|expected \\[3, 3, 4, 4\\]"):
-        load_noise_npz(path, 3, RES, 3)
+    # the rest of the line is the zip reader's own reason
+    want = f"noise file {tmp_path / 'text.npz'}: not a readable .npz file ("
+    assert str(e.value).startswith(want)
+    with pytest.raises(UserError) as e:
+        load_noise_npz(path, 3, RES, 3)  # the file holds 2 images, 3 asked for
+    assert str(e.value) == (f"noise file {path}: "
+                            "init has shape [2, 3, 4, 4], expected [3, 3, 4, 4] (NCHW); "
+                            "block1 has shape [2, 3, 8, 8], expected [3, 3, 8, 8] (NCHW); "
+                            "block2 has shape [2, 3, 16, 16], expected [3, 3, 16, 16] (NCHW); "
+                            "block3 has shape [2, 3, 32, 32], expected [3, 3, 32, 32] (NCHW)")
     assert isinstance(back, CascadeNoise)
     # Blocks with 2B rows: the official Dopri5 sampler's duplicated half comes back apart.
     doubled = {"init": np.asarray(noise.init).transpose(0, 3, 1, 2)}

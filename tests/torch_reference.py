@@ -1,6 +1,6 @@
 """Independent PyTorch oracle for PixelFlow (network + Euler cascade sampler).
 
-Written only from /work/shared/SPEC.md, to check another implementation numerically.
+Written only from the specification (docs/DESIGN.md §1-7), to check another implementation numerically.
 Small, explicit and slow on purpose: no nn.Module, just functions over a state dict
 whose names and shapes are those of the official checkpoints.
 
