@@ -9,16 +9,22 @@ The page is up at once and says "warming up" while the model compiles (once, for
 every setting: changing class, solver, steps, guidance, shift or seed never
 recompiles). Requests queue and run one at a time. The same endpoint is an API
 (/generate; see "Use via API" at the bottom of the page). User mistakes on the
-command line end with one line on stderr and exit code 2.
+command line (a bad --host or --port included) end with one line on stderr and
+exit code 2, before the model loads; Ctrl-C stops the server with exit code 130.
 """
 
 import argparse
+import errno
+import ipaddress
 import os
+import socket
 import sys
 import threading
 import time
 from collections import OrderedDict
 from typing import Any
+
+from pixelflow_jax import cli
 
 # Before gradio is imported: no usage reports or version checks leave this machine.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -29,27 +35,54 @@ TITLE = "PixelFlow"
 CSS = "#samples img { image-rendering: pixelated; }"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit code 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="app.py", description=__doc__.split("\n\n")[0],
-                epilog=__doc__.split("\n\n", 1)[1],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = p.add_argument
-    add("--ckpt", metavar="DIR", default=None,
-        help="class-conditional checkpoint folder (config.yaml + params/, optionally "
-             "class_names.txt with one name per line); default: the embedded digits model")
-    add("--host", default="127.0.0.1",
-        help="address to listen on; 0.0.0.0 serves other machines too (default 127.0.0.1)")
-    add("--port", type=int, default=7860, help="TCP port to listen on (default 7860)")
-    add("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-        help="compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU")
-    add("--attention", choices=["auto", "xla", "cudnn", "chunked"], default="auto",
-        help="attention kernel; auto = cuDNN flash attention on GPU in bf16, else XLA")
+    """app.py's flags."""
+    p = cli.Parser(prog="app.py", doc=__doc__)
+    cli.add_ckpt(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 serves other machines too "
+                        "(default %(default)s)")
+    p.add_argument("--port", type=cli.port, default=7860,
+                   help="TCP port to listen on (default %(default)s)")
+    cli.add_dtype(p)
+    cli.add_attention(p)
     return p
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse, before anything loads, an address this machine cannot listen on; the
+    message blames the host or the port, whichever it is. Raises UserError."""
+    from pixelflow_jax.errors import UserError
+
+    try:
+        ipaddress.ip_address(host)
+        numeric = socket.AI_NUMERICHOST
+    except ValueError:
+        # "999.1.1.1" is no address, and no host name either (a resolver would try DNS).
+        if not host:
+            raise UserError("--host is empty: give an address such as 127.0.0.1") from None
+        if all(c.isdigit() or c in ".:" for c in host):
+            raise UserError(f"--host {host}: not a valid IP address") from None
+        numeric = 0
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE | numeric)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host}: not an address or known host name "
+                        f"({getattr(e, 'strerror', None) or e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        # As the server will (uvicorn): a port in TIME_WAIT after a restart is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise UserError(f"--host {host}: not an address of this machine "
+                                f"({e.strerror})") from None
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise UserError(f"--port {port}: {e.strerror}; choose another --port") from None
+            raise UserError(f"cannot serve on {host}:{port} ({e.strerror or e})") from None
 
 
 def option_label(class_id: int, name: str) -> str:
@@ -183,13 +216,13 @@ def warm_up(demo: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C; returns the exit code."""
+    check_address(args.host, args.port)
     from pixelflow_jax import runtime
     from pixelflow_jax.default_model import default_checkpoint
     from pixelflow_jax.demo import PixelFlowDemo
     from pixelflow_jax.errors import UserError
 
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port must be in 1..65535, got {args.port}")
     started = time.time()
     runtime.enable_compilation_cache()
     demo = PixelFlowDemo(args.ckpt or default_checkpoint(), dtype=args.dtype,
@@ -208,23 +241,17 @@ def run(args: argparse.Namespace) -> int:
           file=sys.stderr)
     threading.Thread(target=warm_up, args=(demo,), daemon=True, name="warm-up").start()
     try:
-        blocks.block_thread()
-    except KeyboardInterrupt:
-        pass
-    return 0
+        # Not blocks.block_thread(): it swallows Ctrl-C, and Ctrl-C must exit with 130.
+        while blocks.is_running:
+            time.sleep(0.1)
+    finally:
+        blocks.close(verbose=False)
+    return cli.EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2), already printed
-        return int(e.code or 0)
-    from pixelflow_jax.errors import UserError
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"app.py: error: {e}", file=sys.stderr)
-        return 2
+    """Run app.py with ``argv``; returns the exit code."""
+    return cli.run_main(build_parser(), run, argv, interrupted="the server stopped")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@
 
 PyTorch is not needed, and a checkpoint cannot run code: the pickle inside
 model.pt may name only what a plain state dict needs. Every problem is
-reported at once, and nothing is left in DST on failure. Bad input ends with
-exit code 2.
+reported at once, and nothing is left in DST on failure. Bad input (DST is
+checked before anything is read) ends with one line and exit code 2; Ctrl-C
+with 130.
 """
 
 from __future__ import annotations
@@ -16,25 +17,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+from pixelflow_jax import cli, defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="convert_torch.py", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog=__doc__.split("\n\n", 1)[1])
+    """convert_torch.py's flags."""
+    p = cli.Parser(prog="convert_torch.py", doc=__doc__)
     p.add_argument("src", help="official checkpoint folder (model.pt + config.yaml), a "
                                ".pt/.pth/.safetensors file (with --config), or with --to-torch "
                                "a pixelflow-jax checkpoint folder")
-    p.add_argument("dst", help="output folder (written beside, then renamed into place)")
+    p.add_argument("dst", help="output folder (written beside, then renamed into place; "
+                               "missing parent folders are created)")
     p.add_argument("--config", help="config.yaml for a bare weights file, or to override the "
                                     "folder's")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+    p.add_argument("--dtype", choices=[d for d in defaults.DTYPES if d != "auto"],
+                   default="float32",
                    help="dtype of the stored parameters (the model computes with float32 "
-                        "parameters either way; bfloat16 halves the folder)")
+                        "parameters either way; bfloat16 halves the folder) "
+                        "(default %(default)s)")
     p.add_argument("--to-torch", action="store_true",
                    help="convert a pixelflow-jax checkpoint back to model.pt (float32) + "
                         "config.yaml, loadable by the official code with strict=True")
@@ -42,31 +42,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
+def run(args: argparse.Namespace) -> int:
+    """Convert; returns the exit code."""
     from pixelflow_jax.errors import UserError
+
+    if args.to_torch and (args.config or args.dtype != "float32"):
+        raise UserError("--to-torch writes float32 with the checkpoint's own config; "
+                        "--config and --dtype do not apply")
+    cli.check_output(args.dst, "DST", "replace", overwrite=args.overwrite)
+    cli.check_distinct(args.dst, args.src, "DST", "SRC")
+    if args.config:
+        cli.check_distinct(args.dst, args.config, "DST", "--config")
     from pixelflow_jax.torch_checkpoint import export_torch_checkpoint, import_torch_checkpoint
-    try:
+
+    cli.make_parents(args.dst)
+    with cli.writing(args.dst, unnamed=False):
         if args.to_torch:
-            if args.config or args.dtype != "float32":
-                raise UserError("--to-torch writes float32 with the checkpoint's own config; "
-                                "--config and --dtype do not apply")
             report = export_torch_checkpoint(args.src, args.dst, overwrite=args.overwrite)
         else:
             report = import_torch_checkpoint(args.src, args.dst, config=args.config,
                                              dtype=args.dtype, overwrite=args.overwrite)
-    except UserError as e:
-        print(f"convert_torch.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("convert_torch.py: interrupted; DST was not written", file=sys.stderr)
-        return 130
     print(f"wrote {args.dst}: {report.tensors} tensors, {report.parameters:,} parameters "
           f"in {report.seconds:.1f} s")
-    return 0
+    return cli.EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run convert_torch.py with ``argv``; returns the exit code."""
+    return cli.run_main(build_parser(), run, argv, interrupted="DST was not written")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ Examples:
   python sample.py --ckpt CKPT_DIR --solver dopri5 --cfg 2.4 --fid-samples 50000 --out fid/
 
 The batch is spread over every device (and, on a multi-host TPU slice, every
-host: run the same command on each). User mistakes end with one line on stderr
-and exit code 2; images whose adaptive solve did not finish give exit code 3.
+host: run the same command on each). User mistakes (the output path is checked
+before anything is loaded) end with one line on stderr and exit code 2; images
+whose adaptive solve did not finish give exit code 3; Ctrl-C gives 130.
 """
 
 from __future__ import annotations
@@ -18,85 +19,71 @@ import os
 import sys
 import time
 
+from pixelflow_jax import cli, defaults
+from pixelflow_jax.cli import EXIT_UNFINISHED
+
 # ImageNet classes shown by default (golden retriever, otter, ...): the usual demo set.
 IMAGENET_DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
-EXIT_UNFINISHED = 3
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit code 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="sample.py", description=__doc__.split("\n\n")[0],
-                epilog=__doc__.split("\n\n", 1)[1],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """sample.py's flags."""
+    p = cli.Parser(prog="sample.py", doc=__doc__)
     add = p.add_argument
-    add("--ckpt", default=None, metavar="DIR",
-        help="checkpoint folder (config.yaml + params/) written by this project or by "
-             "convert_torch.py (default: the embedded model, a small PixelFlow trained on "
-             "handwritten digits, pixelflow_jax/weights/digits)")
-    add("--classes", type=_int_list, nargs="+", metavar="ID",
+    cli.add_ckpt(p)
+    add("--classes", type=cli.int_list, nargs="+", metavar="ID",
         help="class ids, space- or comma-separated (default: 8 well-known classes for "
              "ImageNet models, else the first 10 classes)")
-    add("--num-images", type=int, default=4, metavar="N",
-        help="images per class; a grid has one row per class (default 4)")
-    add("--seed", type=int, default=42,
-        help="random seed; image i always gets the same noise from (seed, i) (default 42)")
-    add("--cfg", type=float, default=4.0,
+    add("--num-images", type=cli.positive_int, default=4, metavar="N",
+        help="images per class; a grid has one row per class (default %(default)s)")
+    add("--seed", type=cli.seed, default=defaults.SEED,
+        help="random seed; image i always gets the same noise from (seed, i) "
+             "(default %(default)s)")
+    add("--cfg", type=cli.non_negative_float, default=defaults.GUIDANCE,
         help="classifier-free guidance g; stage s uses (g-1) w_s + 1 with w = [0, 1/6, 2/3, 1]; "
-             "0 disables guidance (default 4; the FID recipe uses 2.4)")
-    add("--solver", choices=["euler", "euler-diffrax", "dopri5"], default="euler",
+             "0 disables guidance (default %(default)g; the FID recipe uses 2.4)")
+    add("--solver", choices=defaults.SOLVERS, default=defaults.SOLVERS[0],
         help="euler: fixed steps (--steps, --shift); euler-diffrax: the same steps through "
              "diffrax; dopri5: adaptive, as the published FID 1.98 (ignores --steps and "
-             "--shift, as the official code) (default euler)")
-    add("--steps", type=_int_list, nargs="+", default=[[10]], metavar="N",
-        help="Euler steps per stage: one number, or one per stage, e.g. 10,20,20,30 (default 10)")
-    add("--shift", type=float, default=1.0,
+             "--shift, as the official code) (default %(default)s)")
+    add("--steps", type=cli.positive_int_list, nargs="+", default=[[defaults.STEPS]],
+        metavar="N",
+        help=f"Euler steps per stage: one number, or one per stage, e.g. 10,20,20,30 "
+             f"(default {defaults.STEPS})")
+    add("--shift", type=cli.positive_float, default=defaults.SHIFT,
         help="Euler noise shift: t <- t / (shift + (1 - shift) t); > 1 spends more steps at "
-             "high noise (default 1)")
-    add("--rtol", type=float, default=1e-3, help="dopri5 relative tolerance (default 1e-3)")
-    add("--atol", type=float, default=1e-6, help="dopri5 absolute tolerance (default 1e-6)")
-    add("--max-steps", type=int, default=1000,
+             "high noise (default %(default)g)")
+    add("--rtol", type=cli.positive_float, default=defaults.RTOL,
+        help="dopri5 relative tolerance (default %(default)g)")
+    add("--atol", type=cli.positive_float, default=defaults.ATOL,
+        help="dopri5 absolute tolerance (default %(default)g)")
+    add("--max-steps", type=cli.positive_int, default=defaults.MAX_SOLVER_STEPS,
         help="dopri5 step limit per stage; an image that needs more is reported, not written "
-             "(default 1000)")
-    add("--error-control", choices=["batch", "image"], default="batch",
+             "(default %(default)s)")
+    add("--error-control", choices=defaults.ERROR_CONTROLS, default=defaults.ERROR_CONTROLS[0],
         help="dopri5: batch = one error norm and step size for each device's batch (official); "
              "image = every image its own steps, independent of batch and device count "
-             "(default batch)")
-    add("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-        help="compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU (parameters stay "
-             "float32)")
+             "(default %(default)s)")
+    cli.add_dtype(p)
     add("--out", default="samples.png",
         help="a .png path writes one grid; any other path is a folder of PNGs named "
-             "INDEX_classID.png, or with --fid-samples INDEX.png (default samples.png)")
-    add("--fid-samples", type=int, default=None, metavar="N",
+             "INDEX_classID.png, or with --fid-samples INDEX.png; missing folders are "
+             "created (default %(default)s)")
+    add("--fid-samples", type=cli.positive_int, default=None, metavar="N",
         help="draw N class-balanced images into the --out folder (image i has class "
              "i mod num_classes) and then OUT.npz for the ADM evaluation suite; rerunning "
              "the same command resumes an interrupted run")
-    add("--batch-size", type=int, default=16, metavar="B",
+    add("--batch-size", type=cli.positive_int, default=16, metavar="B",
         help="images per compiled batch across all devices, rounded up to a multiple of the "
-             "device count (default 16)")
-    add("--resolution", type=int, default=None, metavar="R",
+             "device count (default %(default)s)")
+    add("--resolution", type=cli.positive_int, default=None, metavar="R",
         help="output side length (default: the checkpoint's data.resolution)")
     add("--noise-from", metavar="FILE.npz", default=None,
         help="use this noise instead of the seed: 'init' [B,C,h,w] and 'block1'..'block{S-1}' "
              "[B,C,H_s,W_s], float32 NCHW, B = all images (blocks may have 2B rows: the "
              "official dopri5 duplicate half's noise)")
-    add("--attention", choices=["auto", "xla", "cudnn", "chunked"], default="auto",
-        help="attention kernel; auto = cuDNN flash attention on GPU in bf16, else XLA "
-             "(query-chunked for long sequences)")
-    add("--distributed", choices=["auto", "on", "off"], default="auto",
-        help="call jax.distributed.initialize(): auto = when launched on several hosts "
-             "(multi-host TPU slice, SLURM, MPI, or a coordinator address)")
+    cli.add_attention(p)
+    cli.add_distributed(p)
     add("--progress", choices=["auto", "stages", "batches", "none"], default="auto",
         help="stages: live display of every Euler stage (its program uses host callbacks, "
              "which JAX's persistent compilation cache never stores, so it compiles on every "
@@ -107,40 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Checks that need no checkpoint; raise UserError."""
+    """Checks that need no checkpoint (the output path included); raise UserError."""
     from pixelflow_jax.errors import UserError
-    from pixelflow_jax.images import check_output
 
     args.steps = [n for group in args.steps for n in group]
     if args.classes is not None:
         args.classes = [c for group in args.classes for c in group]
-    finite = lambda v: v == v and abs(v) != float("inf")
-    if any(n < 1 for n in args.steps):
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
-    if not (finite(args.cfg) and args.cfg >= 0):
-        raise UserError(f"--cfg must be a finite number >= 0, got {args.cfg}")
-    if not (finite(args.shift) and args.shift > 0):
-        raise UserError(f"--shift must be a finite number > 0, got {args.shift}")
-    for name in ("rtol", "atol"):
-        if not (finite(getattr(args, name)) and getattr(args, name) > 0):
-            raise UserError(f"--{name} must be a finite number > 0, got {getattr(args, name)}")
-    for name in ("num_images", "batch_size", "max_steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, "
-                            f"got {getattr(args, name)}")
-    if not 0 <= args.seed < 2 ** 32:
-        raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
     if args.noise_from is not None and not os.path.isfile(args.noise_from):
         raise UserError(f"--noise-from {args.noise_from}: no such file")
+    if not args.out.strip():
+        raise UserError("--out is empty: give a .png file path (a grid) or a folder path")
+    args.out_kind = "grid" if args.out.lower().endswith(".png") else "folder"
     if args.fid_samples is not None:
-        if args.fid_samples < 1:
-            raise UserError(f"--fid-samples must be >= 1, got {args.fid_samples}")
-        if args.out.lower().endswith(".png"):
+        if args.out_kind == "grid":
             raise UserError("--fid-samples writes a folder of PNGs: give --out a folder path")
         if args.classes is not None or args.noise_from is not None:
             raise UserError("--fid-samples chooses the classes and draws its own noise; "
                             "drop --classes / --noise-from")
-    args.out_kind = check_output(args.out)
+    cli.check_output(args.out, "--out", "file" if args.out_kind == "grid" else "folder")
+    if args.fid_samples is not None:  # the ADM suite's .npz, beside the folder
+        cli.check_output(args.out.rstrip("/" + os.sep) + ".npz", "--out (its .npz)", "file")
     if args.quiet:
         args.progress = "none"
     elif args.progress == "auto":
@@ -193,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"class id {bad[0]} is outside [0, {p.num_classes})")
     schedule = schedule_from_config(cfg.scheduler)
     steps = schedule.steps_per_stage(args.steps[0] if len(args.steps) == 1 else args.steps)
-    resolution = args.resolution or cfg.data.resolution
+    resolution = cfg.data.resolution if args.resolution is None else args.resolution
     dopri5 = Dopri5Config(rtol=args.rtol, atol=args.atol, max_steps=args.max_steps,
                           error_control=args.error_control)
     sampler = Sampler(model, schedule, resolution, solver=args.solver, dopri5=dopri5,
@@ -216,9 +189,10 @@ def run(args: argparse.Namespace) -> int:
         settings = dict(checkpoint=os.path.abspath(args.ckpt), dtype=np.dtype(dtype).name,
                         rtol=args.rtol, atol=args.atol, max_steps=args.max_steps,
                         error_control=args.error_control)
-        summary = run_fid(sampler, args.out, n, seed=args.seed, guidance=args.cfg, steps=steps,
-                          shift=args.shift, batch_size=batch, settings=settings,
-                          progress=progress)
+        with cli.writing(args.out, unnamed=False):  # the checkpoint is read already
+            summary = run_fid(sampler, args.out, n, seed=args.seed, guidance=args.cfg,
+                              steps=steps, shift=args.shift, batch_size=batch,
+                              settings=settings, progress=progress)
         if "evaluations" in summary:
             say(args, f"velocity evaluations per image: {summary['evaluations']}")
         if summary["unfinished"]:
@@ -245,9 +219,11 @@ def run(args: argparse.Namespace) -> int:
               f"{args.max_steps}; nothing was written (raise --max-steps)", file=sys.stderr)
         return EXIT_UNFINISHED
     if jax.process_index() == 0 and args.out_kind == "grid":
+        cli.make_parents(args.out)
         save_png(args.out, make_grid(images, rows=len(classes)))
     elif args.out_kind == "folder":
-        os.makedirs(args.out, exist_ok=True)
+        with cli.writing(args.out):
+            os.makedirs(args.out, exist_ok=True)
         labels = request.labels
         for i, img in zip(stats.indices, images):
             save_png(os.path.join(args.out, f"{i:06d}_class{labels[i]}.png"), img)
@@ -255,21 +231,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted run leaves behind."""
+    if args.fid_samples is not None:
+        return f"the finished images in {args.out} are kept; rerun the same command to resume"
+    if args.out.lower().endswith(".png"):
+        return f"{args.out} was not written"
+    return f"{args.out} may hold only some of the images (each one written is whole)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2), already printed
-        return int(e.code or 0)
-    from pixelflow_jax.errors import UserError
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sample.py: interrupted; finished images are kept, rerun to resume a "
-              "--fid-samples run", file=sys.stderr)
-        return 130
+    """Run sample.py with ``argv``; returns the exit code."""
+    return cli.run_main(build_parser(), run, argv, interrupted=interrupted)
 
 
 if __name__ == "__main__":

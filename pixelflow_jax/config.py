@@ -45,7 +45,7 @@ class ModelParams:
     num_classes: int = 0
     attention_bias: bool = True
     cross_attention_dim: int | None = None
-    dropout: float = dataclasses.field(default=0.0, metadata=_OMIT_DEFAULT)
+    dropout: float = dataclasses.field(default=0.0, metadata=_OMIT_DEFAULT)  # must be 0
 
     @property
     def embed_dim(self) -> int:
@@ -65,8 +65,11 @@ class ModelParams:
         if self.cross_attention_dim is not None and self.cross_attention_dim < 1:
             raise ConfigError(
                 f"model.params.cross_attention_dim must be >= 1, got {self.cross_attention_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.params.dropout must be in [0, 1), got {self.dropout}")
+        if self.dropout != 0.0:
+            # The official configs carry dropout: 0; any other value would be silently
+            # ignored, so training would not be what the file says.
+            raise ConfigError(f"model.params.dropout = {self.dropout} is not supported: this "
+                              "model has no dropout layers; set it to 0 or remove the key")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -275,6 +278,52 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error
+    (PyYAML silently keeps the last value, so a config would not be what it reads as)."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node, "", set())
+        return self.construct_document(node)
+
+
+def _check_unique_keys(node: yaml.Node, prefix: str, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias of a node checked already (or a recursive one)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": overrides are meant
+                _check_unique_keys(value_node, prefix, seen)
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a list or mapping as a key: never a config key
+            key = (key_node.tag, key_node.value)  # 1 and "1" are different keys
+            dotted = f"{prefix}.{key_node.value}" if prefix else key_node.value
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(f"duplicate key '{dotted}' (lines {lines[key]} and {line}); "
+                                  "give each key once")
+            lines[key] = line
+            _check_unique_keys(value_node, dotted, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{prefix}[{i}]", seen)
+
+
+def load_yaml(stream: Any) -> Any:
+    """Parse YAML like ``yaml.safe_load``, refusing duplicate keys (ConfigError)."""
+    loader = UniqueKeyLoader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def config_from_dict(data: Any, source: str = "<dict>") -> PixelFlowConfig:
     """Build and validate a config from parsed YAML; errors name ``source``."""
     try:
@@ -292,9 +341,11 @@ def apply_overrides(data: Any, overrides: list[str], source: str = "--set") -> A
         if not sep or not key:
             raise ConfigError(f"{source}: expected KEY=VALUE, got {item!r}")
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text)
         except yaml.YAMLError:
             raise ConfigError(f"{source}: cannot read the value of {key!r}: {text!r}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{source}: the value of {key!r}: {e}") from None
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
@@ -312,7 +363,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f)
+    except ConfigError as e:  # a duplicate key
+        raise ConfigError(f"{path}: {e}") from None
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pixelflow_jax import defaults
 from pixelflow_jax.class_names import class_names
 from pixelflow_jax.errors import UserError
 
@@ -30,10 +31,11 @@ STEPS_RANGE = (1, MAX_STEPS)
 GUIDANCE_RANGE = (1.0, 25.0)
 SHIFT_RANGE = (1.0, 100.0)
 SEED_LIMIT = 2 ** 32
-DEFAULT_STEPS = 10
-DEFAULT_GUIDANCE = 4.0
-DEFAULT_SHIFT = 1.0
-DEFAULT_SEED = 42
+DEFAULT_STEPS = defaults.STEPS
+DEFAULT_GUIDANCE = defaults.GUIDANCE
+DEFAULT_SHIFT = defaults.SHIFT
+DEFAULT_SEED = defaults.SEED
+QUOTE_LIMIT = 60  # characters of a bad value quoted back in a message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,13 @@ class DemoResult:
     num_compilations: int    # compiled programs so far, both samplers together
 
 
+def _quoted(value: Any) -> str:
+    """``repr(value)``, cut to :data:`QUOTE_LIMIT` characters: a request may send a megabyte
+    of text, and a message must not echo it back whole."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT - 1] + "…"
+
+
 def _number(name: str, value: Any) -> float:
     """``value`` as a finite float; bools and text are rejected with a named message."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -67,9 +76,9 @@ def _number(name: str, value: Any) -> float:
             try:
                 value = float(value)
             except ValueError:
-                raise UserError(f"{name} must be a number, got {value!r}") from None
+                raise UserError(f"{name} must be a number, got {_quoted(value)}") from None
         else:
-            raise UserError(f"{name} must be a number, got {value!r}")
+            raise UserError(f"{name} must be a number, got {_quoted(value)}")
     value = float(value)
     if not math.isfinite(value):
         raise UserError(f"{name} must be a finite number, got {value}")
@@ -80,7 +89,7 @@ def _integer(name: str, value: Any) -> int:
     """``value`` as an int; floats are accepted only when whole (web forms send 42.0)."""
     number = _number(name, value)
     if number != int(number):
-        raise UserError(f"{name} must be a whole number, got {value!r}")
+        raise UserError(f"{name} must be a whole number, got {_quoted(value)}")
     return int(number)
 
 
@@ -198,12 +207,12 @@ class PixelFlowDemo:
             else:
                 key = text.casefold()
                 if key not in self._by_name:
-                    raise UserError(f"unknown class {value!r}: choose a name from the list or "
-                                    f"an id from 0 to {self.num_classes - 1}")
+                    raise UserError(f"unknown class {_quoted(value)}: choose a name from the "
+                                    f"list or an id from 0 to {self.num_classes - 1}")
                 found = self._by_name[key]
                 if found is None:
                     ids = [i for i, n in enumerate(self.names) if n.casefold() == key]
-                    raise UserError(f"class name {value!r} is used by ids "
+                    raise UserError(f"class name {_quoted(value)} is used by ids "
                                     f"{', '.join(map(str, ids))}: give the id")
                 return found
         if value is None:
@@ -224,7 +233,7 @@ class PixelFlowDemo:
         """
         class_id = self.class_id(class_)
         if not isinstance(dopri5, (bool, np.bool_)):
-            raise UserError(f"dopri5 must be true or false, got {dopri5!r}")
+            raise UserError(f"dopri5 must be true or false, got {_quoted(dopri5)}")
         if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
             steps = [steps] * self.num_stages
         if len(steps) != self.num_stages:

@@ -28,6 +28,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from pixelflow_jax import cli
 from pixelflow_jax.errors import UserError
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -207,27 +208,42 @@ def evaluate(images: np.ndarray, labels: np.ndarray, *, split: DigitSplit | None
 # --------------------------------------------------------------------------- command line
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pixelflow_jax.digits", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="write the train / held-out image folders")
-    prep.add_argument("out", help="folder to create (train/ and heldout/ inside)")
-    prep.add_argument("--resolution", type=int, default=32,
-                      help="image side in pixels, a multiple of 8 (default 32)")
+PROG = "python -m pixelflow_jax.digits"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The digits tool's commands and flags."""
+    parser = cli.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    prep = sub.add_parser("prepare", help="write the train / held-out image folders",
+                          description="Write OUT/train/<c>/ and OUT/heldout/<c>/ (c = 0..9) "
+                                      "as PNG image folders for train.py.")
+    prep.add_argument("out", help="folder to create (train/ and heldout/ inside; missing "
+                                  "parent folders are created)")
+    prep.add_argument("--resolution", type=cli.positive_int, default=32,
+                      help="image side in pixels, a multiple of 8 (default %(default)s)")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    args = parser.parse_args(argv)
-    try:
-        if args.resolution < 8 or args.resolution % 8:
-            raise UserError(f"--resolution must be a positive multiple of 8, got "
-                            f"{args.resolution}")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.resolution % 8:
+        raise UserError(f"--resolution must be a positive multiple of 8, got "
+                        f"{args.resolution}")
+    cli.check_output(args.out, "OUT", "replace", overwrite=args.overwrite)
+    cli.make_parents(args.out)
+    with cli.writing(args.out):
         counts = prepare_image_folders(args.out, args.resolution, overwrite=args.overwrite)
-    except UserError as e:
-        print(f"digits: error: {e}", file=sys.stderr)
-        return 2
     print(f"wrote {args.out}: {counts['train']} training and {counts['heldout']} held-out "
           f"digits at {args.resolution} px")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the digits tool with ``argv``; returns the exit code."""
+    return cli.run_main(build_parser(), _run, argv,
+                        interrupted="OUT was not written (a partial OUT.tmp is removed by "
+                                    "the next run)")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ with exit code 2; anything else is a bug and keeps its traceback.
 """
 
 
-class UserError(Exception):
-    """A mistake in user input (flags, config, checkpoint folder, noise file)."""
+class UserError(ValueError):
+    """A mistake in user input (flags, config, checkpoint folder, noise file, output path).
+
+    A ValueError, so Python callers that catch bad values catch it too.
+    """
 
 
 class ConfigError(UserError):

@@ -80,3 +80,37 @@ def test_save_keeps_the_official_layout(tmp_path):
     want["train"]["lr"] = 1e-4
     assert saved == want  # same keys, same values, nothing of ours added
     assert list(saved) == list(want) and load_config(tmp_path / "out.yaml") == cfg
+
+
+def test_dropout_must_be_zero(tmp_path):
+    """The model has no dropout layers: a non-zero rate would be silently ignored."""
+    data = official()
+    data["model"]["params"]["dropout"] = 0.0  # as the official configs carry it
+    assert load_config(write(tmp_path, data, "zero.yaml")).params.dropout == 0.0
+    data["model"]["params"]["dropout"] = 0.1
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, data, "dropout.yaml"))
+    assert "model.params.dropout = 0.1 is not supported" in str(e.value)
+    assert "dropout.yaml" in str(e.value)
+    with pytest.raises(ConfigError, match="model.params.dropout"):
+        load_config(XL, ["model.params.dropout=0.5"])
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    text = open(XL).read()
+    # PyYAML alone keeps the last value silently.
+    doubled = text.replace("  params:\n", "  params:\n    depth: 12\n", 1)
+    assert yaml.safe_load(doubled)["model"]["params"]["depth"] == 28
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, doubled, "dup.yaml"))
+    msg = str(e.value)
+    assert "dup.yaml" in msg and "duplicate key 'model.params.depth'" in msg, msg
+    top = text + "\nseed: 7\n"
+    with pytest.raises(ConfigError, match=r"top\.yaml: duplicate key 'seed' \(lines \d+ and \d+"):
+        load_config(write(tmp_path, top, "top.yaml"))
+    with pytest.raises(ConfigError, match="duplicate key 'a'"):
+        load_config(XL, ["model.params={a: 1, a: 2}"])
+    # Not duplicates: the same name in different mappings, 1 and '1', and YAML merge keys.
+    from pixelflow_jax.config import load_yaml
+    assert load_yaml("a: {x: 1}\nb: {x: 2}\n1: i\n'1': s\nbase: &b {x: 1}\nc: {<<: *b, x: 3}") \
+        == {"a": {"x": 1}, "b": {"x": 2}, 1: "i", "1": "s", "base": {"x": 1}, "c": {"x": 3}}
