@@ -249,6 +249,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, LazyTensor]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointFormatError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointFormatError(f"{path}: empty file (0 bytes; an unfinished download or "
+                                    "copy?)")
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
     with open(path, "rb") as f:

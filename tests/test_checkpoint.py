@@ -23,7 +23,20 @@ def test_round_trip(c2i, ckpt_dir):
     assert cfg == c2i.config
     assert same_tree(param_tree(model), c2i.tree)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(param_tree(model)))
-    assert sorted(os.listdir(ckpt_dir)) == ["config.yaml", "params"]
+    assert sorted(os.listdir(ckpt_dir)) == ["checksums.json", "config.yaml", "params"]
+
+
+@pytest.mark.parametrize("ocdbt,zarr3", [(False, False), (True, True), (False, True)])
+def test_other_orbax_layouts_load(c2i, tmp_path, ocdbt, zarr3):
+    """Folders in orbax's other storage layouts (written by orbax itself) read the same."""
+    import orbax.checkpoint as ocp
+    os.makedirs(tmp_path / "ck")
+    save_config(c2i.config, tmp_path / "ck" / "config.yaml")
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt,
+                                                      use_zarr3=zarr3)) as checkpointer:
+        checkpointer.save(tmp_path / "ck" / "params", args=ocp.args.PyTreeSave(c2i.tree))
+    model, _ = load_checkpoint(tmp_path / "ck")
+    assert same_tree(param_tree(model), c2i.tree)
 
 
 def test_bfloat16_storage_loads_as_float32(c2i, tmp_path):
