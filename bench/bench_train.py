@@ -43,26 +43,24 @@ def main() -> None:
 
     cfg = load_config(os.path.join(ROOT, args.config),
                       [f"data.batch_size={args.batch_per_device}", *args.overrides])
-    trainer = Trainer(cfg, "/tmp/unused-bench-train")
+    trainer = Trainer(cfg, os.path.join(ROOT, "runs", "bench_train"))  # only run() writes there
     lr = learning_rate_schedule(cfg.train, 1000)
     tx = optimizer(cfg.train, lr)
-    graphdef, abstract = trainer._abstract_state(tx)
-    shardings = trainer.shardings(abstract)
-    step_fn = trainer.make_step(graphdef, tx, lr, shardings)
+    graphdef, abstract = trainer.create_train_state(tx, abstract=True)
+    step_fn = trainer.make_train_step(graphdef, tx, lr, abstract)
     R, B = cfg.data.resolution, trainer.global_batch
     if args.compile_only:
-        import jax.numpy as jnp
-        spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
-                                                         sharding=trainer.batch_sharding)
-        abstract_state = jax.tree.map(
-            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
         start = time.perf_counter()
-        step_fn.lower(abstract_state, {"images": spec((B, R, R, 3), jnp.uint8),
-                                       "labels": spec((B,), jnp.int32)}).compile()
+        compiled = step_fn.lower(abstract, trainer.abstract_batch()).compile()
         print(f"{args.config}: train step (global batch {B}) compiled in "
               f"{time.perf_counter() - start:.1f} s")
+        memory = compiled.memory_analysis()
+        if memory is not None:  # per device, as XLA planned it
+            print("device memory MB: " + ", ".join(
+                f"{name} {getattr(memory, name + '_size_in_bytes') / 2 ** 20:.0f}"
+                for name in ("argument", "output", "temp", "generated_code")))
         return
-    state = trainer.init_state(tx, shardings)
+    _, state = trainer.create_train_state(tx)
     rng = np.random.default_rng(0)
     batch = trainer.global_batch_arrays({
         "images": rng.integers(0, 256, (B, R, R, 3), dtype=np.uint8),

@@ -13,17 +13,23 @@ Checkpoints (orbax ``CheckpointManager``, saved asynchronously every
 data loader's position. Everything random derives from (seed, step, sample)
 and the loader's order from (seed, epoch), so a run killed at any moment and
 started again with the same command logs the same losses, step for step.
+
+Benchmarks and tests build the pieces themselves: :meth:`Trainer.create_train_state`
+(concrete, or abstract for compiling without allocating), :meth:`Trainer.make_train_step`
+(the jitted, sharded :func:`train_step`) and :meth:`Trainer.abstract_batch`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
 import sys
 import time
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pixelflow_jax import runtime
 from pixelflow_jax.checkpoint import save_checkpoint
-from pixelflow_jax.config import PixelFlowConfig, load_config, save_config
+from pixelflow_jax.config import PixelFlowConfig, TrainConfig, load_config, save_config
 from pixelflow_jax.errors import UserError
 from pixelflow_jax.flops import forward_flops
 from pixelflow_jax.model import abstract_model, init_model
@@ -42,6 +48,8 @@ from pixelflow_jax.objective import loss_fn
 from pixelflow_jax.scheduler import CascadeSchedule, schedule_from_config
 
 BATCH_AXES = ("data", "fsdp")
+# What orbax appends to a step folder until its save is committed (atomic rename).
+INCOMPLETE_SAVE = ".orbax-checkpoint-tmp"
 # Peak dense bf16 FLOP/s per device, for MFU (matched in the device kind, lower case).
 PEAK_FLOPS = (("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("4090", 165e12),
               ("tpu v6", 918e12), ("tpu v5p", 459e12), ("tpu v5", 197e12), ("tpu v4", 275e12))
@@ -100,8 +108,39 @@ def flops_per_step(cfg: PixelFlowConfig, global_batch: int) -> float:
 
 
 def peak_flops(device) -> float | None:
+    """Peak dense bf16 FLOP/s of one ``device`` where its kind is known (for MFU), else None."""
     kind = getattr(device, "device_kind", "").lower()
     return next((peak for name, peak in PEAK_FLOPS if name in kind), None)
+
+
+def train_step(state: dict, batch: dict, *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, lr: optax.Schedule,
+               schedule: CascadeSchedule, train: TrainConfig,
+               seed: int) -> tuple[dict, dict]:
+    """One optimizer step on a global batch (pure: :meth:`Trainer.make_train_step` jits it).
+
+    ``state``: ``{step, params, ema, opt_state}``; ``batch``: uint8 ``images`` [B, R, R, C]
+    and int ``labels`` [B]. Returns the new state and ``{loss, grad_norm, lr, ok}``:
+    ``grad_norm`` before clipping, ``lr`` the rate this step applied. When ``ok`` is false (a
+    non-finite loss or gradient) the state comes back unchanged.
+    """
+    key = jax.random.fold_in(jax.random.key(seed), state["step"])
+
+    def loss_of(params):
+        return loss_fn(nnx.merge(graphdef, params), batch["images"], batch["labels"], key,
+                       schedule, train.label_dropout)
+
+    loss, grads = jax.value_and_grad(loss_of)(state["params"])
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    d = train.ema_decay
+    ema = jax.tree.map(lambda e, q: d * e + (1 - d) * q, state["ema"], params)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = {"step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state}
+    # Chosen inside the step: the caller's old state is donated, so only here can it survive.
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    return new, {"loss": loss, "grad_norm": grad_norm, "lr": lr(state["step"]), "ok": ok}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -142,10 +181,37 @@ class MetricsLog:
 
 @dataclasses.dataclass
 class TrainResult:
+    """How :meth:`Trainer.run` ended: steps done, status, the last logged loss, the EMA export."""
+
     step: int
     status: str  # "done", "preempted", "stopped" (train.steps reached by --stop-after), "nan"
     last_loss: float | None
     export: str | None = None
+
+
+@dataclasses.dataclass
+class _Run:
+    """One call of :meth:`Trainer.run`: what it opened and where it stands."""
+
+    manager: Any  # orbax CheckpointManager
+    loader: Any
+    log: MetricsLog
+    graphdef: nnx.GraphDef
+    state: dict
+    step_fn: Callable
+    step: int  # steps done
+    total: int  # the run's steps (train.steps, or its epochs)
+    end: int  # where this call stops: total, or --stop-after
+    flops: float  # per step, for MFU
+    preempted: list  # SIGTERM appends to it
+    pending: list = dataclasses.field(default_factory=list)  # (step, metrics) not yet logged
+    logged: tuple[int, float] = (0, 0.0)  # step and clock of the last log, for samples/s
+    last_loss: float | None = None
+    sampler: Any = None
+
+    def due(self, every: int, preempted: bool) -> bool:
+        """Whether a periodic action (log, save) runs now: every N steps, last or preempted."""
+        return self.step % every == 0 or self.step == self.end or preempted
 
 
 class Trainer:
@@ -176,7 +242,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def open_loader(self, state: dict | None):
+    def open_loader(self, state: dict | None) -> tuple[Any, Any]:
+        """The data source and this host's loader (from its saved ``state``, or the start)."""
         from pixelflow_jax.data import Loader, open_source
 
         d = self.cfg.data
@@ -191,6 +258,7 @@ class Trainer:
         return source, loader
 
     def global_batch_arrays(self, batch: dict) -> dict:
+        """This host's rows of a batch -> the global batch, sharded over the mesh."""
         def put(a):
             if jax.process_count() == 1:
                 return jax.device_put(a, self.batch_sharding)
@@ -198,59 +266,201 @@ class Trainer:
         return {"images": put(batch["images"]),
                 "labels": put(batch["labels"].astype(np.int32))}
 
-    # ------------------------------------------------------------------ state
+    def abstract_batch(self) -> dict:
+        """The global batch as sharded ``jax.ShapeDtypeStruct`` (to lower the step)."""
+        B, R, C = self.global_batch, self.cfg.data.resolution, self.cfg.params.in_channels
+        spec = functools.partial(jax.ShapeDtypeStruct, sharding=self.batch_sharding)
+        return {"images": spec((B, R, R, C), jnp.uint8), "labels": spec((B,), jnp.int32)}
 
-    def _abstract_state(self, tx) -> tuple[Any, dict]:
-        graphdef, abstract = nnx.split(abstract_model(self.cfg.params, dtype=self.dtype,
-                                                      remat=self.cfg.train.remat))
-        params = nnx.to_pure_dict(abstract)
-        opt_state = jax.eval_shape(tx.init, params)
-        state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
-                 "ema": params, "opt_state": opt_state}
-        return graphdef, state
+    # ------------------------------------------------------------------ state and step
 
-    def shardings(self, abstract_state: dict) -> dict:
-        fsdp = self.cfg.train.fsdp
-        return jax.tree.map(lambda a: NamedSharding(self.mesh, param_spec(a.shape, fsdp)),
-                            abstract_state)
+    def create_train_state(self, tx: optax.GradientTransformation, *,
+                           abstract: bool = False) -> tuple[nnx.GraphDef, dict]:
+        """The model's graphdef and the state ``{step, params, ema, opt_state}`` on the mesh.
 
-    def init_state(self, tx, shardings: dict) -> dict:
+        ``abstract``: sharded ``jax.ShapeDtypeStruct`` leaves, nothing allocated (to compile
+        or restore into); else freshly initialised arrays (the EMA a copy of the parameters).
+        """
+        graphdef, model = nnx.split(abstract_model(self.cfg.params, dtype=self.dtype,
+                                                   remat=self.cfg.train.remat))
+        params = nnx.to_pure_dict(model)
+        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+                  "ema": params, "opt_state": jax.eval_shape(tx.init, params)}
+        shardings = self.state_shardings(shapes)
+        if abstract:
+            return graphdef, jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                shapes, shardings)
+
         def make():
             model = init_model(self.cfg.params, seed=self.cfg.seed, dtype=self.dtype,
                                remat=self.cfg.train.remat)
             params = nnx.to_pure_dict(nnx.state(model))
             return {"step": jnp.zeros((), jnp.int32), "params": params, "ema": params,
                     "opt_state": tx.init(params)}
-        return jax.jit(make, out_shardings=shardings)()
+        return graphdef, jax.jit(make, out_shardings=shardings)()
 
-    def make_step(self, graphdef, tx, lr: optax.Schedule, shardings: dict) -> Callable:
-        tc, schedule, seed = self.cfg.train, self.schedule, self.cfg.seed
+    def state_shardings(self, state: dict) -> dict:
+        """Each leaf's ``NamedSharding``: split over ``fsdp`` by :func:`param_spec`."""
+        fsdp = self.cfg.train.fsdp
+        return jax.tree.map(lambda a: NamedSharding(self.mesh, param_spec(a.shape, fsdp)),
+                            state)
 
-        def step_fn(state, batch):
-            key = jax.random.fold_in(jax.random.key(seed), state["step"])
+    def make_train_step(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                        lr: optax.Schedule, state: dict) -> Callable:
+        """:func:`train_step` jitted for this mesh, ``(state, batch) -> (state, metrics)``.
 
-            def loss_of(params):
-                return loss_fn(nnx.merge(graphdef, params), batch["images"], batch["labels"],
-                               key, schedule, tc.label_dropout)
-
-            loss, grads = jax.value_and_grad(loss_of)(state["params"])
-            grad_norm = optax.global_norm(grads)
-            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            d = tc.ema_decay
-            ema = jax.tree.map(lambda e, q: d * e + (1 - d) * q, state["ema"], params)
-            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            new = {"step": state["step"] + 1, "params": params, "ema": ema,
-                   "opt_state": opt_state}
-            new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-            return new, {"loss": loss, "grad_norm": grad_norm, "lr": lr(state["step"]),
-                         "ok": ok}
-
+        ``state`` (concrete or abstract) gives the layout only. The old state is donated.
+        """
+        step = functools.partial(train_step, graphdef=graphdef, tx=tx, lr=lr,
+                                 schedule=self.schedule, train=self.cfg.train, seed=self.cfg.seed)
+        shardings = self.state_shardings(state)
         metrics = {k: self.replicated for k in ("loss", "grad_norm", "lr", "ok")}
-        return jax.jit(step_fn, in_shardings=(shardings, self.batch_sharding),
+        return jax.jit(step, in_shardings=(shardings, self.batch_sharding),
                        out_shardings=(shardings, metrics), donate_argnums=(0,))
 
     # ------------------------------------------------------------------ run
+
+    def run(self, stop_after: int | None = None) -> TrainResult:
+        """Train to ``train.steps`` (or the epochs), resuming from the latest checkpoint.
+
+        ``stop_after``: stop (with a checkpoint) once this many steps are done.
+        """
+        tc = self.cfg.train
+        with self._open_run(stop_after) as run:
+            while run.step < run.end:
+                batch = self.global_batch_arrays(run.loader.next())
+                run.state, metrics = run.step_fn(run.state, batch)
+                run.step += 1
+                run.pending.append((run.step, metrics))
+                preempted = bool(run.preempted)  # one answer for the whole step
+                save = run.due(tc.save_every, preempted)
+                # Saving logs first: a checkpoint must never hold a state from past a NaN.
+                if (save or run.due(tc.log_every, preempted)) and not self._log(run):
+                    return TrainResult(run.step, "nan", None)
+                if save:
+                    self._save(run)
+                if tc.sample_every and run.step % tc.sample_every == 0:
+                    self._sample(run)
+                if preempted:
+                    run.manager.wait_until_finished()
+                    self._say(f"SIGTERM: saved step {run.step}; the same command resumes")
+                    return TrainResult(run.step, "preempted", run.last_loss)
+            run.manager.wait_until_finished()
+            if run.step < run.total:
+                return TrainResult(run.step, "stopped", run.last_loss)
+            return TrainResult(run.step, "done", run.last_loss,
+                               export=self.export_ema(run.state["ema"]))
+
+    @contextlib.contextmanager
+    def _open_run(self, stop_after: int | None) -> Iterator[_Run]:
+        """Check, open the data and the checkpoints (resume or initialise); close on exit."""
+        import orbax.checkpoint as ocp
+
+        with contextlib.ExitStack() as stack:
+            self._check_resume_config()
+            source, loader = self.open_loader(None)  # data problems surface before any writing
+            stack.callback(loader.close)
+            total = self._total_steps(len(source))
+            lr = learning_rate_schedule(self.cfg.train, total)
+            tx = optimizer(self.cfg.train, lr)
+            manager = self._open_checkpoints()
+            stack.callback(manager.close)
+            stack.callback(manager.wait_until_finished)
+            graphdef, abstract = self.create_train_state(tx, abstract=True)
+            start = manager.latest_step()
+            if start is None:
+                state, start = self.create_train_state(tx)[1], 0
+            else:
+                restored = manager.restore(start, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
+                state = restored["state"]
+                loader.close()
+                loader = self.open_loader(restored["loader"])[1]
+                stack.callback(loader.close)
+                self._say(f"resumed from step {start} ({manager.directory})")
+            self._record_config()
+            log = MetricsLog(os.path.join(self.out, "metrics.jsonl"), start)
+            stack.callback(log.close)
+            n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract["params"]))
+            self._say(f"training {n_params:,} parameters on {self.mesh.size} device(s) "
+                      f"(mesh {dict(self.mesh.shape)}), global batch {self.global_batch}, "
+                      f"{total} steps, {np.dtype(self.dtype).name} compute")
+            step_fn = self.make_train_step(graphdef, tx, lr, abstract)
+            preempted = stack.enter_context(_sigterm_flag())
+            yield _Run(manager, loader, log, graphdef, state, step_fn, step=start, total=total,
+                       end=total if stop_after is None else min(total, stop_after),
+                       flops=flops_per_step(self.cfg, self.global_batch), preempted=preempted,
+                       logged=(start, time.perf_counter()))
+
+    def _total_steps(self, num_images: int) -> int:
+        """The run's length: ``train.steps``, or its epochs of the data; warns when the
+        warm-up outlasts it (the user may mean it, e.g. a smoke run of a long recipe)."""
+        tc = self.cfg.train
+        steps_per_epoch = num_images // self.global_batch
+        if steps_per_epoch == 0:
+            raise UserError(f"the data ({num_images} images) is smaller than one global batch "
+                            f"({self.global_batch})")
+        total = tc.steps or tc.epochs * steps_per_epoch
+        if tc.warmup_steps >= total:
+            last = float(learning_rate_schedule(tc, total)(total - 1))
+            self._say(f"warning: train.warmup_steps = {tc.warmup_steps} is not below the run's "
+                      f"{total} steps: the learning rate never leaves warm-up (it ends at "
+                      f"{last:.2e}, not train.lr = {tc.lr:g})")
+        return total
+
+    def _open_checkpoints(self) -> Any:
+        """The run's orbax ``CheckpointManager``, rid of saves a kill interrupted."""
+        import orbax.checkpoint as ocp
+
+        ckpt_dir = os.path.join(self.out, "checkpoints")
+        incomplete = _incomplete_saves(ckpt_dir)
+        # Orbax removes these itself (quietly, before the first save); left there, re-saving
+        # one of those steps logs an alarming absl warning about the leftover folder.
+        manager = ocp.CheckpointManager(
+            ckpt_dir, item_names=("state", "loader"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=self.cfg.train.keep, create=True,
+                                                 enable_async_checkpointing=True,
+                                                 cleanup_tmp_directories=True))
+        if incomplete:
+            self._say(f"removed an incomplete checkpoint from an interrupted save "
+                      f"(step{'s' * (len(incomplete) > 1)} {', '.join(incomplete)})")
+        return manager
+
+    def _log(self, run: _Run) -> bool:
+        """Fetch and write the pending metrics and the progress line. On a non-finite loss:
+        False, rows from that step on dropped, ``run.step`` back to the last good step."""
+        rows = [dict(step=s, **{k: float(v) for k, v in jax.device_get(m).items()})
+                for s, m in run.pending]
+        run.pending = []
+        bad = next((r for r in rows if not r["ok"]), None)
+        if bad is not None:
+            saved = run.manager.latest_step()
+            kept = "No checkpoint was saved yet" if saved is None else \
+                f"The last checkpoint (step {saved}) is intact"
+            self._say(f"non-finite loss at step {bad['step']} (loss {bad['loss']}, grad norm "
+                      f"{bad['grad_norm']}); training stopped. {kept}; lower train.lr or check "
+                      "the data.")
+            # Later steps of the batch started from the kept state under the wrong step number.
+            self._write_rows(run.log, rows[:rows.index(bad)], 0.0, None)
+            run.step = bad["step"] - 1
+            return False
+        now = time.perf_counter()
+        rate = (run.step - run.logged[0]) * self.global_batch / (now - run.logged[1])
+        peak = peak_flops(jax.devices()[0])
+        mfu = run.flops * rate / self.global_batch / (peak * self.mesh.size) if peak else None
+        self._write_rows(run.log, rows, rate, mfu)
+        self._progress(run.step, run.total, rows[-1], rate, mfu, run.loader.skipped)
+        run.logged, run.last_loss = (run.step, time.perf_counter()), rows[-1]["loss"]
+        return True
+
+    def _save(self, run: _Run) -> None:
+        """Start an asynchronous checkpoint of the state and the loader's position."""
+        import orbax.checkpoint as ocp
+
+        run.manager.save(run.step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(run.state),
+            loader=ocp.args.JsonSave(run.loader.state())), force=True)
 
     def _say(self, text: str) -> None:
         if jax.process_index() == 0:
@@ -278,117 +488,6 @@ class Trainer:
         if jax.process_index() == 0:
             os.makedirs(self.out, exist_ok=True)
             save_config(self.cfg, os.path.join(self.out, "config.yaml"))  # e.g. longer steps
-
-    def run(self, stop_after: int | None = None) -> TrainResult:
-        """Train to ``train.steps`` (or the epochs), resuming from the latest checkpoint.
-
-        ``stop_after``: stop (with a checkpoint) once this many steps are done.
-        """
-        import orbax.checkpoint as ocp
-
-        cfg, tc = self.cfg, self.cfg.train
-        self._check_resume_config()
-        source, loader = self.open_loader(None)  # data problems surface before any writing
-        ckpt_dir = os.path.join(self.out, "checkpoints")
-        manager = ocp.CheckpointManager(
-            ckpt_dir, item_names=("state", "loader"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep, create=True,
-                                                 enable_async_checkpointing=True))
-        latest = manager.latest_step()
-        steps_per_epoch = len(source) // self.global_batch
-        if steps_per_epoch == 0:
-            raise UserError(f"the data ({len(source)} images) is smaller than one global batch "
-                            f"({self.global_batch})")
-        total = tc.steps or tc.epochs * steps_per_epoch
-        lr = learning_rate_schedule(tc, total)
-        tx = optimizer(tc, lr)
-        graphdef, abstract = self._abstract_state(tx)
-        shardings = self.shardings(abstract)
-        if latest is None:
-            state = self.init_state(tx, shardings)
-            start = 0
-        else:
-            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract, shardings)
-            restored = manager.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore()))
-            state, start = restored["state"], latest
-            loader.close()
-            source, loader = self.open_loader(restored["loader"])
-            self._say(f"resumed from step {start} ({ckpt_dir})")
-        self._record_config()
-        metrics_log = MetricsLog(os.path.join(self.out, "metrics.jsonl"), start)
-        step_fn = self.make_step(graphdef, tx, lr, shardings)
-        n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract["params"]))
-        self._say(f"training {n_params:,} parameters on {self.mesh.size} device(s) "
-                  f"(mesh {dict(self.mesh.shape)}), global batch {self.global_batch}, "
-                  f"{total} steps, {np.dtype(self.dtype).name} compute")
-
-        preempted = []
-        previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True)) \
-            if _main_thread() else None
-        step_flops = flops_per_step(cfg, self.global_batch)
-        peak = peak_flops(jax.devices()[0])
-        pending, result, t_log, samples_since = [], None, time.perf_counter(), 0
-        sampler = None
-        end = total if stop_after is None else min(total, stop_after)
-        step = start
-        try:
-            while step < end:
-                batch = self.global_batch_arrays(loader.next())
-                state, metrics = step_fn(state, batch)
-                step += 1
-                samples_since += self.global_batch
-                pending.append((step, metrics))
-                last = step == end
-                if step % tc.log_every == 0 or last or preempted:
-                    rows = [dict(step=s, **{k: float(v) for k, v in jax.device_get(m).items()})
-                            for s, m in pending]
-                    pending = []
-                    bad = [r for r in rows if not r["ok"]]
-                    if bad:
-                        saved = manager.latest_step()
-                        self._say(f"non-finite loss at step {bad[0]['step']} (loss "
-                                  f"{bad[0]['loss']}, grad norm {bad[0]['grad_norm']}); "
-                                  f"training stopped. The last checkpoint (step {saved}) is "
-                                  "intact; lower train.lr or check the data.")
-                        rows = [r for r in rows if r["ok"]]
-                        self._write_rows(metrics_log, rows, 0.0, None)
-                        result = TrainResult(step - len(bad), "nan", None)
-                        break
-                    elapsed = time.perf_counter() - t_log
-                    rate = samples_since / elapsed
-                    mfu = (step_flops * rate / self.global_batch) / (peak * self.mesh.size) \
-                        if peak else None
-                    self._write_rows(metrics_log, rows, rate, mfu)
-                    self._progress(step, total, rows[-1], rate, mfu, loader.skipped)
-                    t_log, samples_since = time.perf_counter(), 0
-                if step % tc.save_every == 0 or last or preempted:
-                    manager.save(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(state),
-                        loader=ocp.args.JsonSave(loader.state())), force=True)
-                if tc.sample_every and step % tc.sample_every == 0:
-                    sampler = self._sample_grid(graphdef, state["ema"], step, sampler)
-                if preempted:
-                    manager.wait_until_finished()
-                    self._say(f"SIGTERM: saved step {step}; the same command resumes")
-                    result = TrainResult(step, "preempted", rows[-1]["loss"])
-                    break
-            else:
-                manager.wait_until_finished()
-                status = "done" if step >= total else "stopped"
-                last_loss = None
-                result = TrainResult(step, status, last_loss)
-                if status == "done":
-                    result.export = self.export_ema(state["ema"])
-        finally:
-            manager.wait_until_finished()
-            manager.close()
-            loader.close()
-            metrics_log.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-        return result
 
     def _write_rows(self, log: MetricsLog, rows: list[dict], rate: float,
                     mfu: float | None) -> None:
@@ -424,13 +523,16 @@ class Trainer:
                       f"{directory})")
         return directory
 
-    def _sample_grid(self, graphdef, ema: dict, step: int, sampler):
+    def _sample(self, run: _Run) -> None:
         """One image per class (at most 10) from the EMA weights, as a PNG grid."""
         from pixelflow_jax.images import make_grid, save_png
         from pixelflow_jax.sampling import Sampler, to_images
 
-        if sampler is None:
-            sampler = Sampler(nnx.merge(graphdef, ema), self.schedule, self.cfg.data.resolution)
+        ema = run.state["ema"]
+        if run.sampler is None:
+            run.sampler = Sampler(nnx.merge(run.graphdef, ema), self.schedule,
+                                  self.cfg.data.resolution)
+        sampler = run.sampler
         sampler.set_params(ema)
         n = min(10, self.cfg.params.num_classes)
         n = -(-n // sampler.mesh.size) * sampler.mesh.size
@@ -439,9 +541,29 @@ class Trainer:
         if jax.process_index() == 0:
             folder = os.path.join(self.out, "samples")
             os.makedirs(folder, exist_ok=True)
-            save_png(os.path.join(folder, f"step_{step:07d}.png"),
+            save_png(os.path.join(folder, f"step_{run.step:07d}.png"),
                      make_grid(np.asarray(to_images(_gather(x))), rows=1))
-        return sampler
+
+
+def _incomplete_saves(ckpt_dir: str) -> list[str]:
+    """The steps whose save a kill interrupted (folders orbax never committed)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(name.split(".")[0] for name in os.listdir(ckpt_dir) if INCOMPLETE_SAVE in name)
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[list]:
+    """A list SIGTERM appends to (read between steps); the old handler is restored after."""
+    flag: list = []
+    if not _main_thread():  # signal handlers can only be set from the main thread
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.append(True))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _gather(a: jax.Array) -> jax.Array:
