@@ -1,6 +1,6 @@
 """Typed configuration that reads the official PixelFlow ``config.yaml`` unchanged.
 
-The official layout (SPEC §1)::
+The official layout (DESIGN §1)::
 
     model: {target: pixelflow.model.PixelFlowModel, params: {...}}
     scheduler: {num_train_timesteps, num_stages, pyramid_shift}

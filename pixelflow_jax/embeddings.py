@@ -1,4 +1,4 @@
-"""Fixed (parameter-free) embeddings: the sinusoidal projection and 2-D RoPE (SPEC §2).
+"""Fixed (parameter-free) embeddings: the sinusoidal projection and 2-D RoPE (DESIGN §2).
 
 Tables are computed on the host in float64 and rounded once to float32, so
 they are platform-independent; they differ from a float32 chain of ops (the

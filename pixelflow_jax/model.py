@@ -1,4 +1,4 @@
-"""The PixelFlow transformer in Flax NNX (SPEC §2).
+"""The PixelFlow transformer in Flax NNX (DESIGN §2).
 
 Attribute paths mirror the official PyTorch parameter names, so conversion is
 a table (``pixelflow_jax.convert``): ``transformer_blocks.attn1.q_proj.kernel``

@@ -2,7 +2,7 @@
 
 Every image draws from its own key ``fold_in(key(seed), image_index)``, so an
 image is the same whatever batch, device or host it is generated on. Block
-noise (SPEC §3) is drawn vectorised: one correlated 4-vector per 2x2 block per
+noise (DESIGN §3) is drawn vectorised: one correlated 4-vector per 2x2 block per
 channel, filling the block row-major.
 
 Arrays are NHWC inside this package; files from other implementations are NCHW
@@ -119,7 +119,7 @@ def load_noise_npz(path: str | os.PathLike, batch: int, resolutions: Sequence[in
     """Read noise written by another implementation (NCHW float32) as NHWC.
 
     The file holds ``init`` [B, C, r_0, r_0] and ``block1`` ... ``block{S-1}``
-    [B, C, r_s, r_s] (the correlated epsilon of SPEC §3). Block arrays may have
+    [B, C, r_s, r_s] (the correlated epsilon of DESIGN §3). Block arrays may have
     2B rows, as the official Dopri5 sampler draws them: the second B are its
     duplicated half's, returned separately (else None). Every problem is a
     :class:`UserError` naming the array.

@@ -1,4 +1,4 @@
-"""The PixelFlow cascade: stage bounds, model-timestep slices, renoising (SPEC §3).
+"""The PixelFlow cascade: stage bounds, model-timestep slices, renoising (DESIGN §3).
 
 Everything here is host-side NumPy in float64 and is computed once per
 (steps, shift) request; the sampler receives the resulting tables as traced

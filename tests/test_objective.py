@@ -1,4 +1,4 @@
-"""The training batch construction and loss against an oracle written from SPEC §5."""
+"""The training batch construction and loss against an oracle written from DESIGN §5."""
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ def block_mean(x, k):
 
 
 def oracle(images, labels, t_index, noise, drop, stage, num_classes):
-    """x_t, target, T, labels of SPEC §5 for images in [-1, 1] (float64)."""
+    """x_t, target, T, labels of DESIGN §5 for images in [-1, 1] (float64)."""
     st = ref.stage_schedule(S, K)[stage]
     level = 2 ** (S - 1 - stage)
     x_end = block_mean(images, level)

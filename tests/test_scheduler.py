@@ -1,4 +1,4 @@
-"""The cascade schedule against SPEC §3's check values and the independent oracle."""
+"""The cascade schedule against DESIGN §3's check values and the independent oracle."""
 
 import numpy as np
 import pytest

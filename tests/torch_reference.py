@@ -11,7 +11,7 @@ patch_size, num_classes`` (0 = no class table), ``attention_bias`` and optional
 
 Everything runs in the dtype of the state-dict tensors (float64 for the oracle),
 except the argument of the sinusoidal projection, which is a float32 product as in the
-official model (SPEC section 6).
+official model (DESIGN §6).
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def attention(sd, prefix, h, kv, heads, cos, sin, bias=None, rope_k=True):
 
 
 def forward(sd, params, x, T, class_labels=None, context=None, context_mask=None) -> torch.Tensor:
-    """The PixelFlow network (SPEC section 2). x NCHW [B, C, H, W] -> [B, out_channels, H, W]."""
+    """The PixelFlow network (DESIGN §2). x NCHW [B, C, H, W] -> [B, out_channels, H, W]."""
     dtype = next(iter(sd.values())).dtype
     heads, head_dim, E = _dims(params)
     p = int(params["patch_size"])
@@ -264,7 +264,7 @@ def forward(sd, params, x, T, class_labels=None, context=None, context_mask=None
 
 
 # ----------------------------------------------------------------------------------------
-# Cascade schedule (SPEC section 3), float64
+# Cascade schedule (DESIGN §3), float64
 # ----------------------------------------------------------------------------------------
 
 def stage_schedule(num_stages: int = 4, num_train_timesteps: int = 1000,
@@ -307,7 +307,7 @@ def inference_timesteps(stage: dict, num_steps: int, shift: float):
 
 
 # ----------------------------------------------------------------------------------------
-# Euler cascade sampler (SPEC sections 3-4) with external noise
+# Euler cascade sampler (DESIGN §3-4) with external noise
 # ----------------------------------------------------------------------------------------
 
 def to_image(x: torch.Tensor) -> torch.Tensor:
