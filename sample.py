@@ -7,23 +7,31 @@ Examples:
   python sample.py --ckpt CKPT_DIR --solver dopri5 --cfg 2.4 --fid-samples 50000 --out fid/
 
 The batch is spread over every device (and, on a multi-host TPU slice, every
-host: run the same command on each). User mistakes (the output path is checked
-before anything is loaded) end with one line on stderr and exit code 2; images
-whose adaptive solve did not finish give exit code 3; Ctrl-C gives 130.
+host: run the same command on each). Images are written as their batch
+finishes, so any number of them fits in memory, and the same command resumes
+an interrupted run. Requests estimated to take more than 24 h (see --yes), or
+needing more disk or memory than is free, are refused up front with the
+estimate. User mistakes (the output path is checked before anything is loaded)
+end with one line on stderr and exit code 2; images whose adaptive solve did
+not finish, or that came out non-finite, are not written and give exit code 3;
+Ctrl-C gives 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import shutil
 import sys
-import time
 
 from pixelflow_jax import cli, defaults
 from pixelflow_jax.cli import EXIT_UNFINISHED
 
 # ImageNet classes shown by default (golden retriever, otter, ...): the usual demo set.
 IMAGENET_DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
+# A grid is assembled in memory; past this many images a folder serves better.
+MAX_GRID_IMAGES = 4096
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="class ids, space- or comma-separated (default: 8 well-known classes for "
              "ImageNet models, else the first 10 classes)")
     add("--num-images", type=cli.positive_int, default=4, metavar="N",
-        help="images per class; a grid has one row per class (default %(default)s)")
+        help="images per class; a grid has one row per class and at most "
+             f"{MAX_GRID_IMAGES} images (default %(default)s)")
     add("--seed", type=cli.seed, default=defaults.SEED,
         help="random seed; image i always gets the same noise from (seed, i) "
              "(default %(default)s)")
@@ -66,9 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
              "(default %(default)s)")
     cli.add_dtype(p)
     add("--out", default="samples.png",
-        help="a .png path writes one grid; any other path is a folder of PNGs named "
-             "INDEX_classID.png, or with --fid-samples INDEX.png; missing folders are "
-             "created (default %(default)s)")
+        help="a .png path writes one grid (its images are drawn into a hidden .NAME.parts "
+             "folder beside it, removed once the grid is written); any other path is a "
+             "folder of PNGs named INDEX_classID.png, or with --fid-samples INDEX.png; "
+             "missing folders are created. Images are written as their batch finishes, and "
+             "rerunning the same command after an interruption resumes "
+             "(default %(default)s)")
     add("--fid-samples", type=cli.positive_int, default=None, metavar="N",
         help="draw N class-balanced images into the --out folder (image i has class "
              "i mod num_classes) and then OUT.npz for the ADM evaluation suite; rerunning "
@@ -90,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
              "run); batches: a line per batch with images/s and time left (cached); "
              "auto: stages on a terminal, else batches")
     add("--quiet", action="store_true", help="print nothing but errors (--progress none)")
+    add("--yes", action="store_true",
+        help="run a request estimated to take more than 24 h (it is refused otherwise; "
+             "requests that need more disk or memory than is free are refused regardless)")
     return p
 
 
@@ -126,6 +141,136 @@ def say(args, text: str) -> None:
         print(text, file=sys.stderr)
 
 
+def parts_folder(grid: str) -> str:
+    """Where a grid's images are written before it is assembled: ``.NAME.parts`` beside it."""
+    grid = os.path.abspath(grid)
+    return os.path.join(os.path.dirname(grid), f".{os.path.basename(grid)}.parts")
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file (recorded for --noise-from: the noise decides the images)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def report_failures(args, summary, what_was_not_written: str) -> int:
+    """Name the images that were not written, one line per kind; the exit code."""
+    lines = []
+    if summary.num_nonfinite:
+        lines.append(f"{summary.num_nonfinite} image(s) came out with NaN or inf values and "
+                     f"were not written (first: {summary.nonfinite[:10]}); the checkpoint or "
+                     "the settings give non-finite values")
+    if summary.num_unfinished:
+        lines.append(f"{summary.num_unfinished} image(s) did not finish within --max-steps "
+                     f"{args.max_steps} and were not written (first: "
+                     f"{summary.unfinished[:10]}); rerun with a larger --max-steps to draw them")
+    for line in lines:
+        print(f"sample.py: {line}{what_was_not_written}", file=sys.stderr)
+    return EXIT_UNFINISHED if lines else 0
+
+
+def plan_output(args, p, dtype_name: str, classes: list[int], steps: list[int], n: int,
+                resolution: int, batch: int, devices: int, stream):
+    """(plan, labels): what the output already holds and what is left; writes nothing."""
+    from pixelflow_jax.fid import fid_folder, fid_labels, fid_settings
+    from pixelflow_jax.generate import ClassBlocks
+    from pixelflow_jax.resumable import ImageFolder, plan_run
+
+    settings = dict(checkpoint=os.path.abspath(args.ckpt), dtype=dtype_name, rtol=args.rtol,
+                    atol=args.atol, max_steps=args.max_steps, error_control=args.error_control)
+    if args.fid_samples is not None:
+        settings = fid_settings(n, seed=args.seed, guidance=args.cfg, steps=steps,
+                                shift=args.shift, solver=args.solver, resolution=resolution,
+                                batch=batch, devices=devices, settings=settings)
+        return (plan_run(fid_folder(args.out, n), settings, batch, stream=stream),
+                fid_labels(n, p.num_classes))
+    labels = ClassBlocks(tuple(classes), args.num_images)
+    settings.update(classes=list(classes), num_images=args.num_images, seed=args.seed,
+                    guidance=args.cfg, steps=list(steps), shift=args.shift, solver=args.solver,
+                    resolution=resolution, batch=batch, devices=devices,
+                    noise_from=args.noise_from and file_digest(args.noise_from))
+    grid = args.out_kind == "grid"  # its parts are a cache: another run's are discarded
+    folder = os.path.abspath(parts_folder(args.out) if grid else args.out)
+    return (plan_run(ImageFolder(folder, n, labels), settings, batch,
+                     other_settings="discard" if grid else "refuse", stream=stream), labels)
+
+
+def check_cost(args, p, dtype_name: str, schedule, resolutions, steps: list[int], n: int,
+               rows: int, batch: int, devices: int, pending: int):
+    """The estimate of drawing ``pending`` images; raises UserError (on every host) when
+    it is over a limit (pixelflow_jax.estimate)."""
+    import jax
+
+    from pixelflow_jax import estimate
+    from pixelflow_jax.errors import UserError
+
+    R, C = resolutions[-1], p.in_channels
+    disk_extra = n * R * R * 3 if args.fid_samples is not None else 0  # the .npz
+    grid_bytes = 0
+    if args.out_kind == "grid":
+        grid_bytes = (rows * (R + 2) + 2) * (-(-n // rows) * (R + 2) + 2) * C
+        disk_extra = grid_bytes + estimate.PNG_OVERHEAD
+    device = jax.devices()[0]
+    est = estimate.estimate_sampling(
+        p, resolutions, solver=args.solver, steps=steps, max_steps=args.max_steps,
+        guidance=args.cfg, guidance_weights=schedule.guidance_weights(), images=pending,
+        rows_per_device=batch // devices, devices=devices, hosts=jax.process_count(),
+        platform=device.platform, kind=device.device_kind, dtype_name=dtype_name,
+        disk_per_image=estimate.png_bytes(R, C), disk_extra=disk_extra)
+    problem = None
+    try:
+        estimate.check_estimate(est, disk_free=estimate.free_disk(args.out),
+                                memory_free=estimate.free_memory(device), out=args.out,
+                                allow_long=args.yes)
+        host_free = estimate.free_memory(jax.devices("cpu")[0])
+        if grid_bytes and host_free is not None and 2 * grid_bytes > host_free:
+            raise UserError(f"the grid needs ~{estimate.describe_bytes(2 * grid_bytes)} of "
+                            f"memory, more than the {estimate.describe_bytes(host_free)} free; "
+                            "give --out a folder to write separate PNGs")
+    except UserError as e:
+        problem = e
+    estimate.agree_on_all_hosts(problem)
+    return est
+
+
+def finish(args, plan, summary, rows: int) -> int:
+    """Report what was not written, then the .npz (FID) or the grid; the exit code."""
+    from pixelflow_jax.errors import UserError
+    from pixelflow_jax.fid import finish_fid
+    from pixelflow_jax.images import grid_from_files, save_png
+
+    if summary.evaluations:
+        say(args, f"velocity evaluations per image: {summary.evaluations}")
+    unwritten = {"grid": f"; {args.out} was not written", "folder": ""}[args.out_kind]
+    code = report_failures(args, summary, "; the .npz was not made"
+                           if args.fid_samples is not None else unwritten)
+    if code:
+        return code
+    if args.fid_samples is not None:
+        with cli.writing(args.out, unnamed=False):
+            npz = finish_fid(plan)
+        say(args, f"drew {summary.drawn} images in {summary.seconds:.1f} s; wrote "
+                  f"{npz or 'no .npz on this host'}")
+        return 0
+    if args.out_kind == "grid":
+        parts, n = plan.images.folder, plan.images.num_images
+        files = plan.images.find()
+        missing = [i for i in range(n) if i not in files]
+        if missing:  # only if the folder changed under us
+            raise UserError(f"{parts} lost image {missing[0]}; rerun the same command")
+        save_png(args.out, grid_from_files([files[i] for i in range(n)], rows=rows))
+        with cli.writing(parts, unnamed=False):
+            shutil.rmtree(parts)
+    drew = (f"{summary.drawn} images drawn in {summary.seconds:.1f} s" if summary.drawn
+            else "every image was there already")
+    say(args, f"wrote {args.out} ({drew})")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from pixelflow_jax import distributed, runtime
 
@@ -136,20 +281,17 @@ def run(args: argparse.Namespace) -> int:
 
     from pixelflow_jax.checkpoint import load_checkpoint
     from pixelflow_jax.errors import UserError
-    from pixelflow_jax.fid import run_fid
-    from pixelflow_jax.generate import (ImageRequest, describe_evaluations, global_batch_size,
-                                        sample_class_images)
-    from pixelflow_jax.images import make_grid, save_png
+    from pixelflow_jax.generate import MAX_IMAGES, global_batch_size
     from pixelflow_jax.noise import load_noise_npz
-    from pixelflow_jax.sampling import Sampler
+    from pixelflow_jax.resumable import draw_run
     from pixelflow_jax.scheduler import schedule_from_config
-    from pixelflow_jax.solvers import Dopri5Config
 
     if jax.process_count() > 1 and args.out_kind == "grid":
         raise UserError("on several hosts each host holds only its own images: give --out a "
                         "folder (or use --fid-samples)")
     runtime.enable_compilation_cache()
     dtype = runtime.compute_dtype(args.dtype)
+    dtype_name = np.dtype(dtype).name
     if args.ckpt is None:
         from pixelflow_jax.default_model import default_checkpoint
         args.ckpt = default_checkpoint()
@@ -166,78 +308,66 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"class id {bad[0]} is outside [0, {p.num_classes})")
     schedule = schedule_from_config(cfg.scheduler)
     steps = schedule.steps_per_stage(args.steps[0] if len(args.steps) == 1 else args.steps)
+    grid_steps = schedule.num_train_timesteps
+    if args.solver != "dopri5" and max(steps) > grid_steps:
+        raise UserError(f"--steps {max(steps)} is more than the {grid_steps} model timesteps "
+                        f"this model was trained on; more steps per stage cannot improve it")
+    n = args.fid_samples or len(classes) * args.num_images
+    if n > MAX_IMAGES:
+        raise UserError(f"{n:,} images is more than one run can number ({MAX_IMAGES:,}); "
+                        "draw fewer")
+    if args.out_kind == "grid" and n > MAX_GRID_IMAGES:
+        raise UserError(f"a grid of {n:,} images is too large (at most {MAX_GRID_IMAGES:,}); "
+                        "give --out a folder to write them as separate PNGs")
     resolution = cfg.data.resolution if args.resolution is None else args.resolution
+    resolutions = schedule.stage_resolutions(resolution, p.patch_size)
+    devices = jax.device_count()  # the Sampler's mesh: every device
+    batch = global_batch_size(args.batch_size, devices, n)
+    noise = dup = None
+    if args.noise_from:
+        noise, dup = load_noise_npz(args.noise_from, n, resolutions, p.in_channels)
+    stream = io.StringIO() if args.quiet else sys.stderr  # a few lines at most when quiet
+
+    plan, labels = plan_output(args, p, dtype_name, classes, steps, n, resolution, batch,
+                               devices, stream)
+    pending = plan.pending_images
+    est = check_cost(args, p, dtype_name, schedule, resolutions, steps, n, len(classes), batch,
+                     devices, pending)
+
+    from pixelflow_jax.sampling import Sampler  # diffrax takes a second: after the checks
+    from pixelflow_jax.solvers import Dopri5Config
     dopri5 = Dopri5Config(rtol=args.rtol, atol=args.atol, max_steps=args.max_steps,
                           error_control=args.error_control)
     sampler = Sampler(model, schedule, resolution, solver=args.solver, dopri5=dopri5,
                       report_progress=args.progress == "stages")
     progress = args.progress if args.solver == "euler" or args.progress == "none" else "batches"
-    n = args.fid_samples or len(classes) * args.num_images
     how = (f"{steps} Euler steps, shift {args.shift}" if args.solver != "dopri5" else
            f"dopri5 (rtol {args.rtol}, atol {args.atol}, {args.error_control} error control)")
-    say(args, f"{n} images of {resolution} px, {how}, guidance {args.cfg}, "
-              f"{np.dtype(dtype).name} on {sampler.mesh.size} {jax.default_backend()} device(s)")
-    batch = global_batch_size(args.batch_size, sampler, n)
-    if args.noise_from is None:
+    status = ("every image is there already" if pending == 0 else est.summary() if pending == n
+              else f"{pending} to draw, {est.summary()}")
+    say(args, f"{n} images of {resolution} px, {how}, guidance {args.cfg}, {dtype_name}: "
+              f"{status}")
+    if noise is None and pending:
         note = ("the live stage display is never cached" if progress == "stages"
                 else "cached for later runs")
         say(args, f"compiling for batch {batch} ({note})...")
         say(args, f"compiled in {sampler.precompile(batch, steps):.1f} s")
-    start = time.perf_counter()
 
-    if args.fid_samples is not None:
-        settings = dict(checkpoint=os.path.abspath(args.ckpt), dtype=np.dtype(dtype).name,
-                        rtol=args.rtol, atol=args.atol, max_steps=args.max_steps,
-                        error_control=args.error_control)
-        with cli.writing(args.out, unnamed=False):  # the checkpoint is read already
-            summary = run_fid(sampler, args.out, n, seed=args.seed, guidance=args.cfg,
-                              steps=steps, shift=args.shift, batch_size=batch,
-                              settings=settings, progress=progress)
-        if "evaluations" in summary:
-            say(args, f"velocity evaluations per image: {summary['evaluations']}")
-        if summary["unfinished"]:
-            print(f"sample.py: {len(summary['unfinished'])} image(s) did not finish within "
-                  f"--max-steps {args.max_steps} and were not written (first: "
-                  f"{summary['unfinished'][:10]}); rerun with a larger --max-steps to draw "
-                  "them", file=sys.stderr)
-            return EXIT_UNFINISHED
-        say(args, f"drew {summary['drawn']} images in {summary['seconds']:.1f} s; wrote "
-                  f"{summary['npz'] or 'no .npz on this host'}")
-        return 0
-
-    request = ImageRequest(classes=tuple(classes), num_images=args.num_images, seed=args.seed,
-                           guidance=args.cfg, steps=tuple(steps), shift=args.shift)
-    noise = dup = None
-    if args.noise_from:
-        noise, dup = load_noise_npz(args.noise_from, n, sampler.resolutions, p.in_channels)
-    images, stats = sample_class_images(sampler, request, batch, noise, dup, progress=progress)
-    elapsed = time.perf_counter() - start
-    say(args, f"velocity evaluations per image: {describe_evaluations(stats.evaluations)}")
-    if not stats.finished.all():
-        failed = stats.indices[~stats.finished].tolist()
-        print(f"sample.py: image(s) {failed[:10]} did not finish within --max-steps "
-              f"{args.max_steps}; nothing was written (raise --max-steps)", file=sys.stderr)
-        return EXIT_UNFINISHED
-    if jax.process_index() == 0 and args.out_kind == "grid":
-        cli.make_parents(args.out)
-        save_png(args.out, make_grid(images, rows=len(classes)))
-    elif args.out_kind == "folder":
-        with cli.writing(args.out):
-            os.makedirs(args.out, exist_ok=True)
-        labels = request.labels
-        for i, img in zip(stats.indices, images):
-            save_png(os.path.join(args.out, f"{i:06d}_class{labels[i]}.png"), img)
-    say(args, f"wrote {args.out} ({n} images in {elapsed:.1f} s)")
-    return 0
+    with cli.writing(plan.images.folder, unnamed=False):  # checkpoint and noise are read
+        if args.out_kind == "grid":
+            cli.make_parents(args.out)
+        summary = draw_run(sampler, plan, labels, seed=args.seed, guidance=args.cfg,
+                           steps=steps, shift=args.shift, noise=noise, dup_blocks=dup,
+                           progress=progress, stream=stream)
+    return finish(args, plan, summary, rows=len(classes))
 
 
 def interrupted(args: argparse.Namespace) -> str:
     """What an interrupted run leaves behind."""
-    if args.fid_samples is not None:
-        return f"the finished images in {args.out} are kept; rerun the same command to resume"
-    if args.out.lower().endswith(".png"):
-        return f"{args.out} was not written"
-    return f"{args.out} may hold only some of the images (each one written is whole)"
+    if args.fid_samples is None and args.out.lower().endswith(".png"):
+        return (f"{args.out} was not written; the finished images are kept in "
+                f"{parts_folder(args.out)} and the same command resumes")
+    return f"the finished images in {args.out} are kept; rerun the same command to resume"
 
 
 def main(argv: list[str] | None = None) -> int:

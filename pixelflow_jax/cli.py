@@ -27,7 +27,7 @@ from pixelflow_jax.errors import UserError
 # Exit codes, one place for all tools.
 EXIT_OK = 0
 EXIT_USER = 2          # bad flags, values, files or paths
-EXIT_UNFINISHED = 3    # sample.py: images whose adaptive solve did not finish
+EXIT_UNFINISHED = 3    # sample.py: images not written (Dopri5 step limit, or non-finite)
 EXIT_NAN = 3           # train.py: non-finite loss (the last checkpoint is intact)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_PREEMPTED = 143   # train.py: SIGTERM, checkpoint saved; schedulers read it as "retry"

@@ -33,12 +33,14 @@ def test_draws_a_grid_and_a_folder(ckpt_dir, tmp_path):
     assert "compiled in" in err and "images/s" in err
     img = np.asarray(Image.open(out))
     assert img.shape == (3 * 34 + 2, 2 * 34 + 2, 3)  # 3 rows (classes) x 2, 32 px + padding
+    assert os.listdir(out.parent) == ["grid.png"]  # its parts folder is gone
     # In-process, the folder form; its images are the grid's (same seed and indices).
     assert sample.main(["--ckpt", ckpt_dir, "--classes", "1", "2", "3", "--num-images", "2",
                         "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "dir"),
                         "--quiet"]) == 0
     files = sorted(os.listdir(tmp_path / "dir"))
-    assert files[0] == "000000_class1.png" and files[-1] == "000005_class3.png"
+    assert files[0] == "000000_class1.png" and files[-2:] == ["000005_class3.png", "run.json"]
+    assert len(files) == 7
     first = np.asarray(Image.open(tmp_path / "dir" / files[2]))  # class 2, first image
     np.testing.assert_array_equal(first, img[36:68, 2:34])
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]

@@ -12,16 +12,21 @@ from PIL import Image
 import sample
 from pixelflow_jax.checkpoint import load_checkpoint, save_checkpoint
 from pixelflow_jax.errors import UserError
-from pixelflow_jax.fid import (fid_labels, find_pngs, name_width, parse_png_name,
-                               pending_batches, png_path, run_fid, write_npz)
+from pixelflow_jax.fid import fid_labels, run_fid, write_npz
+from pixelflow_jax.resumable import ImageFolder, name_width, parse_png_name, pending_batches
 from pixelflow_jax.sampling import Sampler
 from pixelflow_jax.scheduler import schedule_from_config
 
 
 def test_class_balance_follows_the_official_list():
     labels = fid_labels(25, 10)
-    assert labels.tolist() == list(range(10)) * 2 + [0] * 5
-    assert np.bincount(fid_labels(50_000, 1000)).tolist() == [50] * 1000
+    assert len(labels) == 25
+    assert labels[np.arange(25)].tolist() == list(range(10)) * 2 + [0] * 5
+    assert np.bincount(fid_labels(50_000, 1000)[np.arange(50_000)]).tolist() == [50] * 1000
+    # Computed per batch: a billion images need no billion-entry array.
+    huge = fid_labels(10 ** 9 + 5, 1000)
+    assert huge[np.array([0, 1001, 10 ** 9 - 1, 10 ** 9, 10 ** 9 + 4])].tolist() == \
+        [0, 1, 999, 0, 0]
 
 
 def run(ckpt_dir, out, *extra):
@@ -90,13 +95,16 @@ def test_names_past_a_million_images(tmp_path):
     n = 1_000_003
     assert [name_width(k) for k in (1, 10, 1_000_000, 1_000_001, n, 10 ** 7 + 1)] == \
         [6, 6, 6, 7, 7, 8]
-    assert os.path.basename(png_path("f", 999_999, 1_000_000)) == "999999.png"
-    names = [os.path.basename(png_path("f", i, n)) for i in (5, 999_999, 1_000_000, 1_000_002)]
+    assert os.path.basename(ImageFolder("f", 1_000_000).path(999_999)) == "999999.png"
+    names = [os.path.basename(ImageFolder("f", n).path(i))
+             for i in (5, 999_999, 1_000_000, 1_000_002)]
     assert names == ["0000005.png", "0999999.png", "1000000.png", "1000002.png"]
     assert sorted(names) == names
-    assert [parse_png_name(x) for x in names + ["000005.png", "12345678.png"]] == \
-        [5, 999_999, 1_000_000, 1_000_002, 5, 12_345_678]
-    for other in (".tmp-abc.png", "run.json", "12a.png", "5.PNG", "\u0665.png", ".png"):
+    assert [parse_png_name(x) for x in names + ["000005.png", "12345678_class7.png"]] == \
+        [(5, None), (999_999, None), (1_000_000, None), (1_000_002, None), (5, None),
+         (12_345_678, 7)]
+    for other in (".tmp-abc.png", "run.json", "12a.png", "5.PNG", "\u0665.png", ".png",
+                  "5_class.png", "5_classx.png", "_class5.png"):
         assert parse_png_name(other) is None
 
     # A folder holding the last whole batch and a partial final one (batch 4).
@@ -104,13 +112,13 @@ def test_names_past_a_million_images(tmp_path):
         (tmp_path / f"{i:07d}.png").write_bytes(b"")
     (tmp_path / "000005.png").write_bytes(b"")  # the same image under the narrower width
     (tmp_path / "0000005.png").write_bytes(b"")
-    found = find_pngs(str(tmp_path), n)
+    found = ImageFolder(str(tmp_path), n).find()
     assert sorted(found) == [5, 999_996, 999_997, 999_998, 999_999, 1_000_000, 1_000_002]
     assert found[5] == str(tmp_path / "0000005.png")
     todo = pending_batches(found, n, 4)
     assert len(todo) == 250_001 - 1 and 249_999 not in todo and todo[-1] == 250_000
-    assert todo[:2] == [0, 1]
-    assert pending_batches(set(range(n)), n, 4) == []
+    assert [todo[0], todo[1]] == [0, 1]
+    assert len(pending_batches(set(range(n)), n, 4)) == 0
 
 
 def test_nonfinite_images_are_not_written(c2i, tmp_path, capsys):
@@ -121,16 +129,18 @@ def test_nonfinite_images_are_not_written(c2i, tmp_path, capsys):
     sampler = Sampler(model, schedule_from_config(cfg.scheduler), 32)
     summary = run_fid(sampler, str(tmp_path / "a"), 10, seed=0, guidance=2.0, steps=2,
                       shift=1.0, batch_size=10, settings={}, progress="none")
-    assert summary["nonfinite"] == [3] and summary["unfinished"] == [3]
+    assert summary["nonfinite"] == [3] and summary["num_nonfinite"] == 1
+    assert summary["unfinished"] == [] and summary["written"] == 9
     assert summary["npz"] is None and not os.path.exists(tmp_path / "a.npz")
-    assert sorted(find_pngs(str(tmp_path / "a"), 10)) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
-    assert "1 image(s) came out with NaN or inf values and were not written (first: [3])" \
-        in capsys.readouterr().err
+    assert sorted(ImageFolder(str(tmp_path / "a"), 10).find()) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
 
     code = sample.main(["--ckpt", str(tmp_path / "nan"), "--fid-samples", "10", "--batch-size",
                         "10", "--steps", "2", "--out", str(tmp_path / "b"), "--quiet"])
     assert code == sample.EXIT_UNFINISHED
-    assert "NaN or inf" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert err == ("sample.py: 1 image(s) came out with NaN or inf values and were not "
+                   "written (first: [3]); the checkpoint or the settings give non-finite "
+                   "values; the .npz was not made")
     assert not os.path.exists(tmp_path / "b" / "000003.png")
     assert not os.path.exists(tmp_path / "b.npz")
 
