@@ -96,14 +96,16 @@ def worker(args) -> dict:
         dup = [nhwc(b[B:]) for b in blocks] if dopri5 else None
         run = lambda: jax.block_until_ready(sampler.sample_from_noise(
             noise, labels=labels, steps=args.steps, guidance=args.cfg, dup_blocks=dup))
+        compile_s = sampler.compile(B, args.steps, from_noise=True)
         run()
+        if sampler.num_compilations != 1:
+            raise RuntimeError("sampling recompiled the program compiled ahead")
         for _ in range(args.repeats):
             start = time.perf_counter()
             out = run()
             times.append(time.perf_counter() - start)
         evaluations = np.asarray(out.stats.evaluations, np.float64).mean(axis=1).tolist()
         out = np.asarray(out.x).transpose(0, 3, 1, 2)
-        compile_s = sampler.compile_seconds[0]
         device = jax.devices()[0]
         stats = device.memory_stats() or {}
         peak = stats.get("peak_bytes_in_use", 0) / 2 ** 20 if device.platform == "gpu" \
@@ -147,8 +149,6 @@ def worker(args) -> dict:
 
 def xl_compile(cases=(("euler", 28), ("euler", 4), ("dopri5", 28))) -> list[dict]:
     """Compile time of the XL sampler (abstract weights, nothing allocated)."""
-    import numpy as np
-
     from pixelflow_jax.config import load_config
     from pixelflow_jax.model import abstract_model
     from pixelflow_jax.sampling import Sampler
@@ -160,11 +160,8 @@ def xl_compile(cases=(("euler", 28), ("euler", 4), ("dopri5", 28))) -> list[dict
         cfg = base.replace_params(depth=depth)
         sampler = Sampler(abstract_model(cfg.params), schedule_from_config(cfg.scheduler), 256,
                           solver=solver)
-        cond, uncond = sampler.conditioning(labels=np.arange(4))
-        per_image = {"indices": np.arange(4, dtype=np.int32), "cond": cond, "uncond": uncond}
-        args = sampler._args(per_image, sampler._shared(0, 10, 4.0, 1.0))
         start = time.perf_counter()
-        lowered = sampler._jitted.lower(*args)
+        lowered = sampler.lower(4, steps=10)
         traced = time.perf_counter() - start
         lowered.compile()
         rows.append(dict(solver=solver, depth=depth, trace_s=traced,

@@ -1,4 +1,4 @@
-"""The PixelFlow training objective (SPEC §5) on stage-grouped batches.
+"""The PixelFlow training objective (DESIGN §5) on stage-grouped batches.
 
 The official trainer packs samples of all resolutions into one sequence. Here
 sample j of a global batch of B trains stage ``j mod S``, so every stage gets
@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixelflow_jax.cascade import halve, upsample_nearest
 from pixelflow_jax.scheduler import CascadeSchedule
 
 
@@ -43,16 +44,6 @@ class Draws(NamedTuple):
     t_index: jax.Array   # [B] int32 in [0, num_train_timesteps)
     noise: jax.Array     # [B, R, R, C]: noise at full resolution; stage s uses its top-left R_s
     drop: jax.Array      # [B] bool
-
-
-def halve(x: jax.Array) -> jax.Array:
-    """2x2 mean downsampling of NHWC images (the official bilinear halving)."""
-    b, h, w, c = x.shape
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
-
-
-def upsample_nearest(x: jax.Array) -> jax.Array:
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
 def to_model_space(images: jax.Array) -> jax.Array:

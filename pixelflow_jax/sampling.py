@@ -1,19 +1,19 @@
-"""Sampling the whole PixelFlow cascade as one compiled program (SPEC §3-4).
+"""Sampling the whole PixelFlow cascade as one compiled program (DESIGN §3-4).
 
-:func:`euler_cascade` is the core Euler computation (``lax.fori_loop`` with a
-traced step count); :mod:`pixelflow_jax.solvers` adds Dopri5 and Euler through
-diffrax. :class:`Sampler` splits a model once and compiles one program per
-input signature, over a ``data`` mesh of every device: the batch is sharded,
-parameters replicated. Euler runs under ``jax.jit`` with ``NamedSharding``;
-Dopri5 under ``shard_map``, so each device integrates its own shard with its
-own step sizes. Guidance, shift, seed, labels and step counts (up to the table
-width) are traced: changing them never recompiles.
+The math is :func:`pixelflow_jax.cascade.run_cascade` with a stage solver of
+:mod:`pixelflow_jax.solvers`, here given the guided velocity of a model.
+:class:`Sampler` splits a model once and compiles one program per input
+signature, over a ``data`` mesh of every device: the batch is sharded,
+parameters replicated. Fixed-grid solvers run under ``jax.jit`` with
+``NamedSharding``; adaptive ones (Dopri5) under ``shard_map``, so each device
+integrates its own shard with its own step sizes. Guidance, shift, seed, labels
+and step counts (up to the table width) are traced: changing them never recompiles.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +21,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from pixelflow_jax import distributed
-from pixelflow_jax import progress as progress_lib
+from pixelflow_jax import defaults, distributed
+from pixelflow_jax.cascade import SolveStats, StageSolver, run_cascade
 from pixelflow_jax.errors import UserError
 from pixelflow_jax.model import PixelFlowModel
 from pixelflow_jax.noise import CascadeNoise, draw_cascade_noise, draw_duplicate_blocks
 from pixelflow_jax.scheduler import CascadeSchedule, EulerTables
-from pixelflow_jax.solvers import (Dopri5Config, SolveStats, dopri5_cascade, euler_stage_diffrax,
-                                   upsample_nearest)
+from pixelflow_jax.solvers import Dopri5, Dopri5Config, Euler, EulerDiffrax
 
 Conditioning = Mapping[str, jax.Array]
-SOLVERS = ("euler", "euler-diffrax", "dopri5")
+SOLVERS = defaults.SOLVERS
 
 
 def stage_guidance(guidance: jax.Array, weight: float) -> jax.Array:
@@ -64,37 +63,6 @@ def guided_velocity(model: PixelFlowModel, x: jax.Array, T: jax.Array, cond: Con
     return jax.lax.cond(g_s == 1.0, conditional, both)
 
 
-def euler_cascade(model: PixelFlowModel, noise: CascadeNoise, T: jax.Array, dt: jax.Array,
-                  num_steps: jax.Array, cond: Conditioning, uncond: Conditioning,
-                  guidance: jax.Array, *, alphas: Sequence[float], betas: Sequence[float],
-                  guidance_weights: Sequence[float], report_progress: bool = False) -> jax.Array:
-    """Run every stage's Euler steps; returns the final x (NHWC, model space).
-
-    Args:
-      noise: initial and block noise (:class:`~pixelflow_jax.noise.CascadeNoise`).
-      T, dt: [S, M] model timesteps and step sizes; num_steps: [S] steps used per stage.
-      cond, uncond: model keyword inputs for the conditional / unconditional rows.
-      guidance: scalar g. alphas, betas: renoise coefficients per stage (static).
-      guidance_weights: w_s per stage (static); 0 means no unconditional pass there.
-    """
-    x = noise.init.astype(jnp.float32)
-    guidance = jnp.asarray(guidance, jnp.float32)
-    for s, weight in enumerate(guidance_weights):
-        if s > 0:
-            x = alphas[s] * upsample_nearest(x) + betas[s] * noise.blocks[s - 1]
-        g_s = None if weight == 0 else stage_guidance(guidance, weight)
-
-        def step(i, x, s=s, g_s=g_s):
-            v = guided_velocity(model, x, T[s, i], cond, uncond, g_s)
-            x = x + dt[s, i] * v
-            if report_progress:
-                jax.debug.callback(progress_lib.report, s, i)
-            return x
-
-        x = jax.lax.fori_loop(0, num_steps[s], step, x)
-    return x
-
-
 def to_images(x: jax.Array) -> jax.Array:
     """Model space -> uint8 NHWC images: round(clip(x/2 + 0.5, 0, 1) * 255)."""
     return jnp.round(jnp.clip(x / 2 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
@@ -107,6 +75,18 @@ class Samples(NamedTuple):
     stats: SolveStats
 
 
+def stage_solver(name: str, *, dopri5: Dopri5Config | None = None, max_steps: int | None = None,
+                 report_progress: bool = False) -> StageSolver:
+    """The :class:`~pixelflow_jax.cascade.StageSolver` called ``name`` (one of ``SOLVERS``)."""
+    if name not in SOLVERS:
+        raise UserError(f"solver must be one of {', '.join(SOLVERS)}, got {name!r}")
+    if name == "euler":
+        return Euler(max_steps=max_steps, report_progress=report_progress)
+    if name == "euler-diffrax":
+        return EulerDiffrax()
+    return Dopri5(dopri5 or Dopri5Config())
+
+
 class Sampler:
     """A model split once, with its cascade compiled for a device mesh.
 
@@ -115,7 +95,8 @@ class Sampler:
       schedule: the cascade's :class:`CascadeSchedule`.
       resolution: output side length.
       solver: ``"euler"`` (the core sampler), ``"euler-diffrax"`` (the same steps
-        through diffrax) or ``"dopri5"``.
+        through diffrax), ``"dopri5"``, or any
+        :class:`~pixelflow_jax.cascade.StageSolver`.
       dopri5: options of the adaptive solver.
       mesh: devices to shard the batch over (default: all, see
         :func:`pixelflow_jax.distributed.data_mesh`).
@@ -128,18 +109,23 @@ class Sampler:
         persistent compilation cache, so such a sampler compiles in every process.
 
     Programs are compiled ahead of time, once per input signature (batch size,
-    table width, conditioning shapes); ``compile_seconds`` records each.
+    table width, conditioning shapes); ``compile_seconds`` records each, and
+    :meth:`lower` / :meth:`compile` do it for shapes alone.
     """
 
     def __init__(self, model: PixelFlowModel, schedule: CascadeSchedule, resolution: int, *,
-                 solver: str = "euler", dopri5: Dopri5Config | None = None,
+                 solver: str | StageSolver = "euler", dopri5: Dopri5Config | None = None,
                  mesh: jax.sharding.Mesh | None = None, max_steps: int | None = None,
                  guidance_weights: Sequence[float] | None = None,
                  report_progress: bool = False):
-        if solver not in SOLVERS:
-            raise UserError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
         dopri5 = dopri5 or Dopri5Config()
         dopri5.validate()
+        if isinstance(solver, str):
+            self.stage_solver = stage_solver(solver, dopri5=dopri5, max_steps=max_steps,
+                                             report_progress=report_progress)
+        else:
+            self.stage_solver, solver = solver, type(solver).__name__
+            dopri5 = getattr(self.stage_solver, "config", dopri5)
         p = model.params
         self.params, self.schedule, self.solver, self.dopri5 = p, schedule, solver, dopri5
         self.resolutions = schedule.stage_resolutions(resolution, p.patch_size)
@@ -152,7 +138,7 @@ class Sampler:
             raise ValueError(f"need {schedule.num_stages} guidance weights, "
                              f"got {len(guidance_weights)}")
         self.guidance_weights = tuple(float(w) for w in guidance_weights)
-        self.report_progress = report_progress and solver == "euler"
+        self.report_progress = bool(getattr(self.stage_solver, "report_progress", False))
         self.mesh = mesh or distributed.data_mesh()
         self.graphdef, state = nnx.split(model)
         self.state = distributed.replicate(nnx.to_pure_dict(state), self.mesh)
@@ -172,13 +158,12 @@ class Sampler:
         else:
             self.state = distributed.replicate(params, self.mesh)
 
-    def _build(self) -> Callable:
-        graphdef, schedule, solver = self.graphdef, self.schedule, self.solver
+    def _build(self):
+        graphdef, schedule, solver = self.graphdef, self.schedule, self.stage_solver
         alphas = tuple(st.alpha for st in schedule.stages)
         betas = tuple(st.beta for st in schedule.stages)
         weights, resolutions = self.guidance_weights, self.resolutions
-        channels, gamma, config = self.params.in_channels, schedule.gamma, self.dopri5
-        report = self.report_progress
+        channels, gamma = self.params.in_channels, schedule.gamma
 
         def program(state, per_image, shared):
             model = nnx.merge(graphdef, state)
@@ -187,64 +172,74 @@ class Sampler:
             else:
                 noise = draw_cascade_noise(shared["seed"], per_image["indices"], resolutions,
                                            channels, gamma)
-            cond, uncond = per_image["cond"], per_image["uncond"]
+            blocks = [noise.blocks]
+            if solver.copies == 2:  # the official Dopri5 state: its duplicate's own noise
+                dup = per_image.get("dup_blocks")
+                if dup is None and "indices" in per_image:
+                    dup = draw_duplicate_blocks(shared["seed"], per_image["indices"],
+                                                resolutions, channels, gamma)
+                blocks.append(noise.blocks if dup is None else dup)
             guidance = shared["guidance"]
-            B = noise.init.shape[0]
 
             def velocity_for_stage(s):
                 g_s = None if weights[s] == 0 else stage_guidance(guidance, weights[s])
                 return lambda x, T, c: guided_velocity(model, x, T, c["cond"], c["uncond"], g_s)
 
-            if solver == "euler":
-                x = euler_cascade(model, noise, shared["T"], shared["dt"], shared["n"], cond,
-                                  uncond, guidance, alphas=alphas, betas=betas,
-                                  guidance_weights=weights, report_progress=report)
-                counts = jnp.broadcast_to(shared["n"][:, None], (len(weights), B))
-                return x, SolveStats(counts, counts, jnp.ones((B,), bool))
-            if solver == "euler-diffrax":
-                x = noise.init.astype(jnp.float32)
-                for s in range(len(weights)):
-                    if s > 0:
-                        x = alphas[s] * upsample_nearest(x) + betas[s] * noise.blocks[s - 1]
-                    x = euler_stage_diffrax(velocity_for_stage(s), x, shared["ts"][s],
-                                            shared["T"][s], {"cond": cond, "uncond": uncond})
-                counts = jnp.asarray([len(t) for t in shared["T"]])[:, None]
-                counts = jnp.broadcast_to(counts, (len(weights), B))
-                return x, SolveStats(counts, counts, jnp.ones((B,), bool))
-            dup_blocks = per_image.get("dup_blocks")
-            if dup_blocks is None and config.error_control == "batch" and config.duplicate \
-                    and "indices" in per_image:
-                dup_blocks = draw_duplicate_blocks(shared["seed"], per_image["indices"],
-                                                   resolutions, channels, gamma)
-            return dopri5_cascade(velocity_for_stage, noise, shared["T_first"],
-                                  shared["T_last"], {"cond": cond, "uncond": uncond},
-                                  alphas=alphas, betas=betas, config=config,
-                                  dup_blocks=dup_blocks)
+            cond = {"cond": per_image["cond"], "uncond": per_image["uncond"]}
+            return run_cascade(solver, velocity_for_stage, noise.init.astype(jnp.float32),
+                               blocks, cond, shared["tables"], alphas=alphas, betas=betas)
 
         mesh = self.mesh
         batch, stage_batch = P(distributed.AXIS), P(None, distributed.AXIS)
         out_specs = (batch, SolveStats(stage_batch, stage_batch, batch))
-        if solver == "dopri5":  # each device integrates its own shard
+        if solver.adaptive:  # each device integrates its own shard
             program = jax.shard_map(program, mesh=mesh, in_specs=(P(), batch, P()),
                                     out_specs=out_specs, check_vma=False)
         named = lambda spec: jax.sharding.NamedSharding(mesh, spec)
         return jax.jit(program, in_shardings=(named(P()), named(batch), named(P())),
                        out_shardings=jax.tree.map(named, out_specs))
 
-    def _compile(self, args: tuple) -> Callable:
+    def _compile(self, args: tuple) -> tuple[Any, float]:
+        """The executable for ``args`` (arrays or ShapeDtypeStructs) and seconds spent."""
         leaves, treedef = jax.tree.flatten(args)
-        key = (treedef, tuple((a.shape, jnp.result_type(a)) for a in leaves))
+        key = (treedef, tuple((a.shape, jnp.dtype(a.dtype)) for a in leaves))
         executable = self._executables.get(key)
-        if executable is None:
-            start = time.perf_counter()
-            executable = self._jitted.lower(*args).compile()
-            self.compile_seconds.append(time.perf_counter() - start)
-            self._executables[key] = executable
-        return executable
+        if executable is not None:
+            return executable, 0.0
+        start = time.perf_counter()
+        executable = self._jitted.lower(*args).compile()
+        self.compile_seconds.append(time.perf_counter() - start)
+        self._executables[key] = executable
+        return executable, self.compile_seconds[-1]
 
     @property
     def num_compilations(self) -> int:
+        """Programs compiled so far (one per input signature)."""
         return len(self._executables)
+
+    def lower(self, batch_size: int, steps: int | Sequence[int] = defaults.STEPS, *,
+              from_noise: bool = False,
+              context_length: int | None = None) -> jax.stages.Lowered:
+        """The program for ``batch_size`` images per host, lowered from shapes alone.
+
+        Nothing is allocated or drawn (the model's parameters may be abstract too,
+        e.g. :func:`pixelflow_jax.model.abstract_model`). ``from_noise``: the
+        :meth:`sample_from_noise` program (with Dopri5's duplicate noise where the
+        solver carries it), else :meth:`sample`'s. Text models need ``context_length``
+        (tokens, of the prompt and of the null prompt alike).
+        """
+        return self._jitted.lower(*self._abstract_args(batch_size, steps, from_noise,
+                                                       context_length))
+
+    def compile(self, batch_size: int, steps: int | Sequence[int] = defaults.STEPS,
+                **kwargs) -> float:
+        """Compile :meth:`lower`'s program for later calls of these shapes; returns seconds
+        (0 if it was compiled already)."""
+        return self._compile(self._abstract_args(batch_size, steps, **kwargs))[1]
+
+    def precompile(self, batch_size: int, steps: int | Sequence[int] = defaults.STEPS) -> float:
+        """Compile the seeded class-conditional program for ``batch_size``; returns seconds."""
+        return self.compile(batch_size, steps)
 
     # ------------------------------------------------------------------ inputs
 
@@ -252,24 +247,16 @@ class Sampler:
         """Euler tables for a request, padded to ``max_steps``."""
         return self.schedule.euler_tables(steps, shift, self.max_steps)
 
-    def _shared(self, seed: int, steps, guidance: float, shift: float) -> dict:
+    def _shared_host(self, seed: int, steps, guidance: float, shift: float) -> dict:
         if not np.isfinite(guidance) or guidance < 0:
             raise UserError(f"guidance must be a finite number >= 0, got {guidance}")
         if not 0 <= int(seed) < 2 ** 32:
             raise UserError(f"seed must be in [0, 2^32), got {seed}")
-        shared = {"seed": np.uint32(seed), "guidance": np.float32(guidance)}
-        if self.solver == "euler":
-            tables = self.tables(steps, shift)
-            shared.update(T=tables.T, dt=tables.dt, n=tables.num_steps)
-        elif self.solver == "euler-diffrax":
-            steps = self.schedule.steps_per_stage(steps)
-            grids = [self.schedule.inference_timesteps(s, n, shift) for s, n in enumerate(steps)]
-            shared.update(T=tuple(T.astype(np.float32) for T, _ in grids),
-                          ts=tuple(t.astype(np.float32) for _, t in grids))
-        else:
-            shared.update(T_first=np.float32([st.T_first for st in self.schedule.stages]),
-                          T_last=np.float32([st.T_last for st in self.schedule.stages]))
-        return distributed.replicate(shared, self.mesh)
+        return {"seed": np.uint32(seed), "guidance": np.float32(guidance),
+                "tables": self.stage_solver.inputs(self.schedule, steps, shift)}
+
+    def _shared(self, seed: int, steps, guidance: float, shift: float) -> dict:
+        return distributed.replicate(self._shared_host(seed, steps, guidance, shift), self.mesh)
 
     def conditioning(self, labels: Any = None, context: Any = None, context_mask: Any = None,
                      null_context: Any = None,
@@ -303,18 +290,50 @@ class Sampler:
         return ({"context": context, "context_mask": mask},
                 {"context": null_context, "context_mask": null_mask})
 
-    def _args(self, per_image: dict, shared: dict) -> tuple:
-        rows = len(jax.tree.leaves(per_image)[0])
+    def _check_rows(self, rows: int) -> None:
         devices = self.mesh.size
         if (rows * jax.process_count()) % devices:
             raise UserError(f"the batch ({rows} images) must be a multiple of the number of "
                             f"devices ({devices})")
+
+    def _args(self, per_image: dict, shared: dict) -> tuple:
+        self._check_rows(len(jax.tree.leaves(per_image)[0]))
         return self.state, distributed.to_global(per_image, self.mesh), shared
+
+    def _abstract_args(self, batch_size: int, steps, from_noise: bool = False,
+                       context_length: int | None = None) -> tuple:
+        """:meth:`_args` as ShapeDtypeStructs, for ``batch_size`` rows per host."""
+        self._check_rows(batch_size)
+        p, B = self.params, batch_size * jax.process_count()
+        sharding = distributed.batch_sharding(self.mesh)
+        spec = lambda *shape, dtype=np.float32: jax.ShapeDtypeStruct((B,) + shape, dtype,
+                                                                     sharding=sharding)
+        if self.text:
+            if context_length is None:
+                raise UserError("this text model needs context_length")
+            cond = uncond = {"context": spec(context_length, p.cross_attention_dim),
+                             "context_mask": spec(context_length)}
+        else:
+            cond = uncond = {"class_labels": spec(dtype=np.int32)}
+        per_image = {"cond": cond, "uncond": uncond}
+        if from_noise:
+            C = p.in_channels
+            per_image["noise"] = CascadeNoise(
+                spec(self.resolutions[0], self.resolutions[0], C),
+                tuple(spec(r, r, C) for r in self.resolutions[1:]))
+            if self.stage_solver.copies == 2:
+                per_image["dup_blocks"] = per_image["noise"].blocks
+        else:
+            per_image["indices"] = spec(dtype=np.int32)
+        shared = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
+                              self._shared_host(0, steps, 1.0, 1.0))
+        return self.state, per_image, distributed.replicate(shared, self.mesh)
 
     # ------------------------------------------------------------------ sampling
 
-    def sample(self, seed: int, indices: Any, *, steps: int | Sequence[int] = 10,
-               guidance: float = 4.0, shift: float = 1.0, **conditioning) -> Samples:
+    def sample(self, seed: int, indices: Any, *, steps: int | Sequence[int] = defaults.STEPS,
+               guidance: float = defaults.GUIDANCE, shift: float = defaults.SHIFT,
+               **conditioning) -> Samples:
         """Images ``indices`` (global image numbers; this host's rows) under ``seed``.
 
         Each image's noise comes from ``(seed, index)`` alone. ``conditioning``:
@@ -324,10 +343,11 @@ class Sampler:
         cond, uncond = self.conditioning(**conditioning)
         per_image = {"indices": np.asarray(indices, np.int32), "cond": cond, "uncond": uncond}
         args = self._args(per_image, self._shared(seed, steps, guidance, shift))
-        return Samples(*self._compile(args)(*args))
+        return Samples(*self._compile(args)[0](*args))
 
-    def sample_from_noise(self, noise: CascadeNoise, *, steps: int | Sequence[int] = 10,
-                          guidance: float = 4.0, shift: float = 1.0,
+    def sample_from_noise(self, noise: CascadeNoise, *,
+                          steps: int | Sequence[int] = defaults.STEPS,
+                          guidance: float = defaults.GUIDANCE, shift: float = defaults.SHIFT,
                           dup_blocks: Sequence[Any] | None = None, **conditioning) -> Samples:
         """Like :meth:`sample` with the noise given (NHWC; e.g. another implementation's).
 
@@ -339,7 +359,7 @@ class Sampler:
         if dup_blocks is not None:
             per_image["dup_blocks"] = tuple(np.asarray(b, np.float32) for b in dup_blocks)
         args = self._args(per_image, self._shared(0, steps, guidance, shift))
-        return Samples(*self._compile(args)(*args))
+        return Samples(*self._compile(args)[0](*args))
 
     def generate(self, seed: int, indices: Any, **kwargs) -> jax.Array:
         """:meth:`sample`, returning only x."""
@@ -348,13 +368,3 @@ class Sampler:
     def generate_from_noise(self, noise: CascadeNoise, **kwargs) -> jax.Array:
         """:meth:`sample_from_noise`, returning only x."""
         return self.sample_from_noise(noise, **kwargs).x
-
-    def precompile(self, batch_size: int, steps: int | Sequence[int] = 10) -> float:
-        """Compile the seeded class-conditional program for ``batch_size``; returns seconds."""
-        before = sum(self.compile_seconds)
-        cond, uncond = self.conditioning(labels=np.zeros(batch_size, np.int64))
-        per_image = {"indices": np.arange(batch_size, dtype=np.int32), "cond": cond,
-                     "uncond": uncond}
-        self._compile(self._args(per_image, self._shared(0, steps, 1.0, 1.0)))
-        return sum(self.compile_seconds) - before
-

@@ -148,7 +148,7 @@ class CascadeSchedule:
 
     def euler_tables(self, steps: int | Sequence[int], shift: float = 1.0,
                      max_steps: int | None = None) -> EulerTables:
-        """Padded float32 tables for :func:`pixelflow_jax.sampling.euler_cascade`."""
+        """Padded float32 tables for :class:`pixelflow_jax.solvers.Euler`."""
         steps = self.steps_per_stage(steps)
         width = max(steps) if max_steps is None else max_steps
         if width < max(steps):

@@ -102,6 +102,33 @@ def test_values_never_recompile(sampler):
     assert compiles == [] and sampler.num_compilations == before
 
 
+def test_compiled_ahead_from_shapes_alone(sampler):
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event) \
+        if event == "/jax/core/compile/backend_compile_duration" else None
+    before = sampler.num_compilations
+    assert sampler.compile(5, steps=2) > 0 and sampler.num_compilations == before + 1
+    assert sampler.compile(5, steps=[4, 1, 1, 1]) == 0.0  # same shapes: the same program
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = sampler.generate(3, np.arange(5), labels=np.arange(5), steps=3)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [] and sampler.num_compilations == before + 1
+    assert out.shape == (5, 32, 32, 3)
+
+
+def test_lowered_without_weights(c2i, t2i):
+    from pixelflow_jax.model import abstract_model
+    lowered = Sampler(abstract_model(c2i.config.params), SCHEDULE, 32).lower(2, steps=3)
+    x, stats = lowered.out_info
+    assert x.shape == (2, 32, 32, 3) and stats.evaluations.shape == (4, 2)
+    text = Sampler(abstract_model(t2i.config.params), SCHEDULE, 32, solver="dopri5")
+    assert text.lower(2, context_length=5).out_info[0].shape[0] == 2
+    with pytest.raises(UserError, match="needs context_length"):
+        text.lower(2)
+
+
 def test_bad_requests(c2i, sampler):
     with pytest.raises(UserError, match="outside \\[0, 10\\)"):
         sampler.generate(0, [0], labels=np.array([11]), steps=2)

@@ -1,10 +1,11 @@
-"""The official Dopri5 cascade (SPEC §4) in PyTorch with torchdiffeq, as a test oracle.
+"""The official Dopri5 cascade (DESIGN §4) in PyTorch with torchdiffeq, as a test oracle.
 
 Written from the spec: per stage, t runs from 0 to 1 with T = T_first + t (T_last - T_first);
 the state has 2B rows (the batch duplicated at stage 0); the velocity of the first B rows,
 guided with the stage scale, moves both halves; at every stage transition each of the 2B rows
 gets its own block noise; the error norm is torchdiffeq's RMS over all 2B rows. The first B
-rows are the result.
+rows are the result. ``per_image=True`` is this package's per-image error control instead:
+B rows, each image solved on its own.
 """
 
 from __future__ import annotations
@@ -18,33 +19,61 @@ import torch_reference as ref
 
 def dopri5_cascade(sd, params, init, blocks_2b, *, guidance, class_labels, rtol=1e-3,
                    atol=1e-6, num_stages=4):
-    """init [B, C, h, w]; blocks_2b: per stage s >= 1, [2B, C, H_s, W_s] (NCHW, float).
+    """The official sampler of a model. init [B, C, h, w]; blocks_2b: per stage s >= 1,
+    [2B, C, H_s, W_s] (NCHW, float).
 
     Returns (x [B, ...], evaluations per stage).
     """
-    B = init.shape[0]
+    x, times = dopri5_cascade_of(guided_velocity(sd, params), init, blocks_2b, guidance=guidance,
+                                 labels=class_labels, rtol=rtol, atol=atol,
+                                 num_stages=num_stages)
+    return x, [len(t) for t in times]
+
+
+def guided_velocity(sd, params):
+    """The official class-guided velocity ``v(x, T, g_s, labels) = u + g_s (c - u)``."""
     num_classes = int(params["num_classes"])
-    labels = torch.cat([torch.full_like(class_labels, num_classes), class_labels])
-    x = torch.cat([init, init])
-    evaluations = []
+
+    def velocity(x, T, g_s, labels):
+        B = x.shape[0]
+        out = ref.forward(sd, params, torch.cat([x, x]), T * torch.ones(2 * B, dtype=x.dtype),
+                          class_labels=torch.cat([torch.full_like(labels, num_classes),
+                                                  labels]))
+        u, c = out[:B], out[B:]  # unconditional rows first, as the official pipeline
+        return u + g_s * (c - u)
+    return velocity
+
+
+def dopri5_cascade_of(velocity, init, blocks, *, guidance, labels, rtol=1e-3, atol=1e-6,
+                      num_stages=4, per_image=False):
+    """The cascade of ``velocity(x, T, g_s, labels) -> v`` (x the B result rows).
+
+    ``blocks``: per stage s >= 1 the block noise of every row: 2B rows (the official
+    duplicated state), or B with ``per_image``. Returns (x [B, ...], times) where
+    ``times[s]`` lists the model timestep T of every velocity evaluation of stage s, in order.
+    """
+    B = init.shape[0]
+    x = init if per_image else torch.cat([init, init])
+    times = []
     for s, stage in enumerate(ref.stage_schedule(num_stages)):
         if s > 0:
             x = F.interpolate(x, scale_factor=2, mode="nearest")
-            x = stage["alpha"] * x + stage["beta"] * blocks_2b[s - 1]
+            x = stage["alpha"] * x + stage["beta"] * blocks[s - 1]
         g_s = (guidance - 1.0) * stage["weight"] + 1.0
-        count = [0]
+        times.append([])
 
-        def velocity(t, y, stage=stage, g_s=g_s, count=count):
-            count[0] += 1
-            half = y[:B]
-            T = stage["T_first"] + t * (stage["T_last"] - stage["T_first"])
-            out = ref.forward(sd, params, torch.cat([half, half]),
-                              T * torch.ones(2 * B, dtype=y.dtype), class_labels=labels)
-            u, c = out[:B], out[B:]
-            v = u + g_s * (c - u)
-            return torch.cat([v, v])
+        def solve(y0, rows, stage=stage, g_s=g_s, log=times[-1]):
+            def f(t, y):
+                T = stage["T_first"] + t * (stage["T_last"] - stage["T_first"])
+                log.append(float(T))
+                v = velocity(y[:len(rows)], T, g_s, labels[rows])
+                return torch.cat([v] * (len(y) // len(rows)))  # the duplicate moves with x
 
-        x = torchdiffeq.odeint(velocity, x, torch.tensor([0.0, 1.0], dtype=x.dtype),
-                               method="dopri5", rtol=rtol, atol=atol)[-1]
-        evaluations.append(count[0])
-    return x[:B], evaluations
+            return torchdiffeq.odeint(f, y0, torch.tensor([0.0, 1.0], dtype=y0.dtype),
+                                      method="dopri5", rtol=rtol, atol=atol)[-1]
+
+        if per_image:
+            x = torch.cat([solve(x[i:i + 1], torch.arange(i, i + 1)) for i in range(B)])
+        else:
+            x = solve(x, torch.arange(B))
+    return x[:B], times
