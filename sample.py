@@ -5,6 +5,7 @@ Examples:
   python sample.py                      (the embedded digits model: one row per digit)
   python sample.py --ckpt CKPT_DIR --classes 207 360 --num-images 4 --out grid.png
   python sample.py --ckpt CKPT_DIR --solver dopri5 --cfg 2.4 --fid-samples 50000 --out fid/
+  python sample.py --ckpt T2I_DIR --text-encoder FLAN_T5_DIR --prompt "a cat" --out cat.png
 
 The batch is spread over every device (and, on a multi-host TPU slice, every
 host: run the same command on each). Images are written as their batch
@@ -15,12 +16,17 @@ estimate. User mistakes (the output path is checked before anything is loaded)
 end with one line on stderr and exit code 2; images whose adaptive solve did
 not finish, or that came out non-finite, are not written and give exit code 3;
 Ctrl-C gives 130.
+
+Text-to-image checkpoints take prompts instead of classes (--prompt, --prompts-file)
+and a T5 encoder folder (--text-encoder, or the checkpoint's text_encoder/); image i
+of prompt k is numbered k * --num-images + i, and guidance g applies at every stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import shutil
 import sys
@@ -42,15 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
     add("--classes", type=cli.int_list, nargs="+", metavar="ID",
         help="class ids, space- or comma-separated (default: 8 well-known classes for "
              "ImageNet models, else the first 10 classes)")
+    add("--prompt", action="append", default=None, metavar="TEXT",
+        help="text-to-image checkpoints: a prompt (repeat the flag for several)")
+    add("--prompts-file", default=None, metavar="FILE",
+        help="text-to-image: UTF-8, one prompt per line (blank lines skipped), after any "
+             "--prompt; with --fid-samples image i gets prompt i mod (number of prompts)")
+    add("--negative-prompt", default=None, metavar="TEXT",
+        help="text-to-image: the prompt of the unguided rows (default: empty, as the "
+             "official pipeline)")
+    add("--text-encoder", default=None, metavar="HF_T5_DIR",
+        help="text-to-image: the T5 encoder's Hugging Face folder (config.json, "
+             "tokenizer.json, weights), e.g. google/flan-t5-xl (default: the "
+             "checkpoint's text_encoder/ folder)")
     add("--num-images", type=cli.positive_int, default=4, metavar="N",
-        help="images per class; a grid has one row per class and at most "
+        help="images per class or prompt; a grid has one row per class or prompt and at most "
              f"{MAX_GRID_IMAGES} images (default %(default)s)")
     add("--seed", type=cli.seed, default=defaults.SEED,
         help="random seed; image i always gets the same noise from (seed, i) "
              "(default %(default)s)")
     add("--cfg", type=cli.non_negative_float, default=defaults.GUIDANCE,
-        help="classifier-free guidance g; stage s uses (g-1) w_s + 1 with w = [0, 1/6, 2/3, 1]; "
-             "0 disables guidance (default %(default)g; the FID recipe uses 2.4)")
+        help="classifier-free guidance g; class models: stage s uses (g-1) w_s + 1 with "
+             "w = [0, 1/6, 2/3, 1]; text models: g at every stage; 0 or 1 disables guidance "
+             "(default %(default)g; the FID recipe uses 2.4)")
     add("--solver", choices=defaults.SOLVERS, default=defaults.SOLVERS[0],
         help="euler: fixed steps (--steps, --shift); euler-diffrax: the same steps through "
              "diffrax; dopri5: adaptive, as the published FID 1.98 (ignores --steps and "
@@ -77,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", default="samples.png",
         help="a .png path writes one grid (its images are drawn into a hidden .NAME.parts "
              "folder beside it, removed once the grid is written); any other path is a "
-             "folder of PNGs named INDEX_classID.png, or with --fid-samples INDEX.png; "
+             "folder of PNGs named INDEX_classID.png, or with --fid-samples or prompts "
+             "INDEX.png (each PNG's prompt in its 'prompt' text chunk and in prompts.jsonl "
+             "beside it; a grid's row prompts in its 'prompts' chunk); "
              "missing folders are created. Images are written as their batch finishes, and "
              "rerunning the same command after an interruption resumes "
              "(default %(default)s)")
@@ -115,6 +136,13 @@ def validate_args(args: argparse.Namespace) -> None:
     args.steps = [n for group in args.steps for n in group]
     if args.classes is not None:
         args.classes = [c for group in args.classes for c in group]
+    args.prompts = None
+    if args.prompt is not None or args.prompts_file is not None:
+        from pixelflow_jax.prompts import read_prompts
+        if args.classes is not None:
+            raise UserError("--classes is for class-conditional checkpoints, --prompt / "
+                            "--prompts-file for text-to-image ones: give one of them")
+        args.prompts = read_prompts(args.prompt, args.prompts_file)
     if args.noise_from is not None and not os.path.isfile(args.noise_from):
         raise UserError(f"--noise-from {args.noise_from}: no such file")
     if not args.out.strip():
@@ -174,33 +202,43 @@ def report_failures(args, summary, what_was_not_written: str) -> int:
 
 
 def plan_output(args, p, dtype_name: str, classes: list[int], steps: list[int], n: int,
-                resolution: int, batch: int, devices: int, stream):
-    """(plan, labels): what the output already holds and what is left; writes nothing."""
+                resolution: int, batch: int, devices: int, stream, encoder_dir: str | None = None):
+    """(plan, labels): what the output already holds and what is left; writes nothing.
+    Text runs (``encoder_dir`` given) label images with prompt numbers."""
     from pixelflow_jax.fid import fid_folder, fid_labels, fid_settings
     from pixelflow_jax.generate import ClassBlocks
+    from pixelflow_jax.prompts import PromptBlocks, PromptCycle, prompts_digest
     from pixelflow_jax.resumable import ImageFolder, plan_run
 
     settings = dict(checkpoint=os.path.abspath(args.ckpt), dtype=dtype_name, rtol=args.rtol,
                     atol=args.atol, max_steps=args.max_steps, error_control=args.error_control)
+    text = encoder_dir is not None
+    if text:  # the prompts decide the images: a resume with other prompts is refused
+        settings.update(prompts_sha256=prompts_digest(args.prompts),
+                        num_prompts=len(args.prompts), negative_prompt=args.negative_prompt,
+                        text_encoder=os.path.abspath(encoder_dir))
     if args.fid_samples is not None:
         settings = fid_settings(n, seed=args.seed, guidance=args.cfg, steps=steps,
                                 shift=args.shift, solver=args.solver, resolution=resolution,
                                 batch=batch, devices=devices, settings=settings)
         return (plan_run(fid_folder(args.out, n), settings, batch, stream=stream),
-                fid_labels(n, p.num_classes))
-    labels = ClassBlocks(tuple(classes), args.num_images)
-    settings.update(classes=list(classes), num_images=args.num_images, seed=args.seed,
+                PromptCycle(n, len(args.prompts)) if text else fid_labels(n, p.num_classes))
+    labels = PromptBlocks(len(args.prompts), args.num_images) if text \
+        else ClassBlocks(tuple(classes), args.num_images)
+    if not text:
+        settings.update(classes=list(classes))
+    settings.update(num_images=args.num_images, seed=args.seed,
                     guidance=args.cfg, steps=list(steps), shift=args.shift, solver=args.solver,
                     resolution=resolution, batch=batch, devices=devices,
                     noise_from=args.noise_from and file_digest(args.noise_from))
     grid = args.out_kind == "grid"  # its parts are a cache: another run's are discarded
     folder = os.path.abspath(parts_folder(args.out) if grid else args.out)
-    return (plan_run(ImageFolder(folder, n, labels), settings, batch,
+    return (plan_run(ImageFolder(folder, n, None if text else labels), settings, batch,
                      other_settings="discard" if grid else "refuse", stream=stream), labels)
 
 
-def check_cost(args, p, dtype_name: str, schedule, resolutions, steps: list[int], n: int,
-               rows: int, batch: int, devices: int, pending: int):
+def check_cost(args, p, dtype_name: str, guidance_weights, resolutions, steps: list[int],
+               n: int, rows: int, batch: int, devices: int, pending: int):
     """The estimate of drawing ``pending`` images; raises UserError (on every host) when
     it is over a limit (pixelflow_jax.estimate)."""
     import jax
@@ -217,7 +255,7 @@ def check_cost(args, p, dtype_name: str, schedule, resolutions, steps: list[int]
     device = jax.devices()[0]
     est = estimate.estimate_sampling(
         p, resolutions, solver=args.solver, steps=steps, max_steps=args.max_steps,
-        guidance=args.cfg, guidance_weights=schedule.guidance_weights(), images=pending,
+        guidance=args.cfg, guidance_weights=guidance_weights, images=pending,
         rows_per_device=batch // devices, devices=devices, hosts=jax.process_count(),
         platform=device.platform, kind=device.device_kind, dtype_name=dtype_name,
         disk_per_image=estimate.png_bytes(R, C), disk_extra=disk_extra)
@@ -262,7 +300,11 @@ def finish(args, plan, summary, rows: int) -> int:
         missing = [i for i in range(n) if i not in files]
         if missing:  # only if the folder changed under us
             raise UserError(f"{parts} lost image {missing[0]}; rerun the same command")
-        save_png(args.out, grid_from_files([files[i] for i in range(n)], rows=rows))
+        grid = grid_from_files([files[i] for i in range(n)], rows=rows)
+        # a text grid carries its rows' prompts, in order
+        text = None if args.prompts is None else {
+            "prompts": json.dumps(args.prompts, ensure_ascii=False)}
+        save_png(args.out, grid, text)
         with cli.writing(parts, unnamed=False):
             shutil.rmtree(parts)
     drew = (f"{summary.drawn} images drawn in {summary.seconds:.1f} s" if summary.drawn
@@ -297,22 +339,43 @@ def run(args: argparse.Namespace) -> int:
         args.ckpt = default_checkpoint()
     model, cfg = load_checkpoint(args.ckpt, dtype=dtype, attention_impl=args.attention)
     p = cfg.params
-    if p.num_classes == 0:
-        raise UserError(f"{args.ckpt} is a text-to-image model; sample.py draws class-"
-                        "conditional images (text prompts need a text encoder)")
-    classes = args.classes if args.classes is not None else (
-        list(IMAGENET_DEMO_CLASSES) if p.num_classes == 1000
-        else list(range(min(p.num_classes, 10))))
-    bad = [c for c in classes if not 0 <= c < p.num_classes]
-    if bad:
-        raise UserError(f"class id {bad[0]} is outside [0, {p.num_classes})")
+    text = p.cross_attention_dim is not None
+    encoder_dir = None
+    if text:
+        from pixelflow_jax.prompts import text_encoder_folder
+        if args.classes is not None:
+            raise UserError(f"{args.ckpt} is a text-to-image model: give --prompt or "
+                            "--prompts-file, not --classes")
+        if args.prompts is None:
+            raise UserError(f"{args.ckpt} is a text-to-image model: give --prompt TEXT or "
+                            "--prompts-file FILE")
+        encoder_dir = text_encoder_folder(args.ckpt, args.text_encoder)
+        args.negative_prompt = args.negative_prompt or ""
+        classes = []
+    elif p.num_classes == 0:
+        raise UserError(f"{args.ckpt} takes neither class labels nor text: sample.py draws "
+                        "class-conditional and text-to-image models only")
+    else:
+        given = [f for f, v in (("--prompt / --prompts-file", args.prompts),
+                                ("--negative-prompt", args.negative_prompt),
+                                ("--text-encoder", args.text_encoder)) if v is not None]
+        if given:
+            raise UserError(f"{args.ckpt} is a class-conditional model: it takes --classes, "
+                            f"not {given[0]}")
+        classes = args.classes if args.classes is not None else (
+            list(IMAGENET_DEMO_CLASSES) if p.num_classes == 1000
+            else list(range(min(p.num_classes, 10))))
+        bad = [c for c in classes if not 0 <= c < p.num_classes]
+        if bad:
+            raise UserError(f"class id {bad[0]} is outside [0, {p.num_classes})")
+    rows = len(args.prompts) if text else len(classes)
     schedule = schedule_from_config(cfg.scheduler)
     steps = schedule.steps_per_stage(args.steps[0] if len(args.steps) == 1 else args.steps)
     grid_steps = schedule.num_train_timesteps
     if args.solver != "dopri5" and max(steps) > grid_steps:
         raise UserError(f"--steps {max(steps)} is more than the {grid_steps} model timesteps "
                         f"this model was trained on; more steps per stage cannot improve it")
-    n = args.fid_samples or len(classes) * args.num_images
+    n = args.fid_samples or rows * args.num_images
     if n > MAX_IMAGES:
         raise UserError(f"{n:,} images is more than one run can number ({MAX_IMAGES:,}); "
                         "draw fewer")
@@ -329,10 +392,18 @@ def run(args: argparse.Namespace) -> int:
     stream = io.StringIO() if args.quiet else sys.stderr  # a few lines at most when quiet
 
     plan, labels = plan_output(args, p, dtype_name, classes, steps, n, resolution, batch,
-                               devices, stream)
+                               devices, stream, encoder_dir)
     pending = plan.pending_images
-    est = check_cost(args, p, dtype_name, schedule, resolutions, steps, n, len(classes), batch,
+    weights = (1.0,) * schedule.num_stages if text else schedule.guidance_weights()
+    est = check_cost(args, p, dtype_name, weights, resolutions, steps, n, rows, batch,
                      devices, pending)
+    condition = None
+    if text and pending:
+        from pixelflow_jax.prompts import PromptConditioning
+        from pixelflow_jax.text_encoder import TextEncoder
+        say(args, f"loading the text encoder {encoder_dir}...")
+        condition = PromptConditioning(TextEncoder.from_folder(encoder_dir), args.prompts,
+                                       args.negative_prompt, p.cross_attention_dim)
 
     from pixelflow_jax.sampling import Sampler  # diffrax takes a second: after the checks
     from pixelflow_jax.solvers import Dopri5Config
@@ -347,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
               else f"{pending} to draw, {est.summary()}")
     say(args, f"{n} images of {resolution} px, {how}, guidance {args.cfg}, {dtype_name}: "
               f"{status}")
-    if noise is None and pending:
+    if noise is None and pending and not text:  # text: compiled per prompt-length bucket
         note = ("the live stage display is never cached" if progress == "stages"
                 else "cached for later runs")
         say(args, f"compiling for batch {batch} ({note})...")
@@ -358,8 +429,9 @@ def run(args: argparse.Namespace) -> int:
             cli.make_parents(args.out)
         summary = draw_run(sampler, plan, labels, seed=args.seed, guidance=args.cfg,
                            steps=steps, shift=args.shift, noise=noise, dup_blocks=dup,
-                           progress=progress, stream=stream)
-    return finish(args, plan, summary, rows=len(classes))
+                           progress=progress, stream=stream, condition=condition,
+                           prompts=args.prompts if text else None)
+    return finish(args, plan, summary, rows=rows)
 
 
 def interrupted(args: argparse.Namespace) -> str:

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import sys
 import time
-from typing import TYPE_CHECKING, Iterator, Protocol, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,9 @@ MAX_IMAGES = 2 ** 31
 
 
 class Labels(Protocol):
-    """The class of every image of a run, computed on demand: ``labels[rows]`` for an
-    integer array of image numbers, ``len(labels)`` images in all."""
+    """The class (or, for text models, the prompt number) of every image of a run,
+    computed on demand: ``labels[rows]`` for an integer array of image numbers,
+    ``len(labels)`` images in all."""
 
     def __len__(self) -> int: ...
 
@@ -118,7 +119,9 @@ def images_in_batches(batches, n: int, G: int) -> int:
 def iter_batches(sampler: Sampler, labels: Labels, seed: int, *, batch_size: int,
                  guidance: float, steps, shift: float, batches: Sequence[int] | None = None,
                  noise: CascadeNoise | None = None, dup_blocks=None,
-                 progress: str = "batches", stream: TextIO | None = None) -> Iterator[Batch]:
+                 progress: str = "batches", stream: TextIO | None = None,
+                 condition: Callable[[np.ndarray], dict[str, Any]] | None = None
+                 ) -> Iterator[Batch]:
     """Draw images 0..len(labels)-1 batch by batch, yielding this host's rows of each.
 
     ``labels``: an array or a :class:`Labels`. ``batches`` restricts the run to
@@ -126,7 +129,9 @@ def iter_batches(sampler: Sampler, labels: Labels, seed: int, *, batch_size: int
     With ``noise`` (every image's, NHWC) the seed is unused. ``progress``:
     ``"stages"`` (live per-stage display; Euler with ``report_progress``),
     ``"batches"`` (a line per batch with images/s and time left) or ``"none"``.
-    One batch is in host memory at a time.
+    One batch is in host memory at a time. ``condition``: the sampler's conditioning
+    keywords for a batch's labels (text models: prompt numbers -> features, e.g.
+    :class:`pixelflow_jax.prompts.PromptConditioning`); default ``labels=`` (classes).
     """
     if progress == "stages" and not sampler.report_progress:
         progress = "batches"
@@ -140,7 +145,9 @@ def iter_batches(sampler: Sampler, labels: Labels, seed: int, *, batch_size: int
     for count, b in enumerate(todo):
         lo, hi = b * G, min((b + 1) * G, n)
         rows, real = host_rows(lo, hi, G)
-        kwargs = dict(steps=step_counts, guidance=guidance, shift=shift, labels=labels[rows])
+        conditioning = condition(labels[rows]) if condition is not None \
+            else {"labels": labels[rows]}
+        kwargs = dict(steps=step_counts, guidance=guidance, shift=shift, **conditioning)
         label = f"batch {count + 1}/{len(todo)}"
         display = CascadeProgress(step_counts, hi - lo, label, stream) if progress == "stages" \
             else contextlib.nullcontext()

@@ -7,7 +7,7 @@ import secrets
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from pixelflow_jax.errors import UserError
 
@@ -63,8 +63,18 @@ def _create_temporary(folder: str) -> tuple[int, str]:
             continue
 
 
-def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+def _png_info(text: dict[str, str]) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_itxt(key, value)
+    return info
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray,
+             text: dict[str, str] | None = None) -> None:
     """Write a uint8 [H, W, 3|1] image atomically (temp file + rename).
+
+    ``text``: PNG text chunks (iTXt, so any Unicode), e.g. ``{"prompt": ...}``.
 
     An OSError (full disk, read-only folder, ...) becomes a one-line UserError naming
     ``path``; output paths are checked up front by :func:`pixelflow_jax.cli.check_output`.
@@ -76,7 +86,7 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     try:
         fd, tmp = _create_temporary(folder)
         with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
+            img.save(f, format="PNG", pnginfo=_png_info(text) if text else None)
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None and os.path.exists(tmp):

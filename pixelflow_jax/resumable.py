@@ -1,10 +1,11 @@
 """Resumable image runs: a folder of PNGs that the same command completes.
 
 Both kinds of ``sample.py`` output go through here: a folder of class images
-(``INDEX_classK.png``; a grid is drawn into a hidden parts folder first) and a
-FID set (``INDEX.png``, :mod:`pixelflow_jax.fid`). Names have :func:`name_width`
-digits (6, more past a million images), so they sort in image order; a name of
-any width is read back.
+(``INDEX_classK.png``; a grid is drawn into a hidden parts folder first), a
+folder of prompt images (``INDEX.png`` with a ``prompts.jsonl``, each PNG's prompt in
+its text chunk) and a FID set (``INDEX.png``, :mod:`pixelflow_jax.fid`). Names have
+:func:`name_width` digits (6, more past a million images), so they sort in image
+order; a name of any width is read back.
 
 ``run.json`` records the settings. The same command again skips every batch
 whose PNGs all exist and are intact and draws the rest (a damaged PNG is
@@ -26,7 +27,8 @@ import re
 import shutil
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, TextIO
+from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Sequence,
+                    TextIO)
 
 import jax
 import numpy as np
@@ -36,6 +38,7 @@ from pixelflow_jax.errors import UserError
 from pixelflow_jax.generate import (Labels, describe_evaluations, images_in_batches,
                                     iter_batches)
 from pixelflow_jax.images import TEMPORARY_PREFIX, save_png
+from pixelflow_jax.prompts import write_prompt_records
 
 if TYPE_CHECKING:
     from pixelflow_jax.sampling import Sampler
@@ -305,15 +308,25 @@ def _start_folder(plan: Plan) -> None:
 
 def draw_run(sampler: Sampler, plan: Plan, labels: Labels, *, seed: int, guidance: float,
              steps, shift: float, noise=None, dup_blocks=None, progress: str = "batches",
-             stream: TextIO | None = None) -> RunSummary:
+             stream: TextIO | None = None,
+             condition: Callable[[np.ndarray], dict[str, Any]] | None = None,
+             prompts: Sequence[str] | None = None) -> RunSummary:
     """Draw the batches of ``plan`` into its folder, writing each image as its batch
     finishes (one batch in memory at a time); returns this host's summary.
 
     ``labels``: the class of every image. ``noise``/``dup_blocks``: injected noise of
     every image (else from ``seed``). Every host returns after all hosts have written.
+    Text runs: ``labels`` are prompt numbers, ``condition`` turns them into the
+    sampler's inputs (:class:`pixelflow_jax.prompts.PromptConditioning`) and with
+    ``prompts`` every PNG carries its prompt (text chunk ``prompt``) and the folder a
+    ``prompts.jsonl`` of every image of the run, written before the first batch.
     """
     stream = stream or sys.stderr
     _start_folder(plan)
+    if prompts is not None and jax.process_index() == 0:
+        n = plan.images.num_images
+        write_prompt_records(plan.images.folder, [plan.images.path(i) for i in range(n)],
+                             prompts, labels)
     todo, G = plan.todo, plan.batch
     if len(todo) < todo.total:
         stream.write(f"resuming: {todo.total - len(todo)} of {todo.total} batches are "
@@ -322,7 +335,8 @@ def draw_run(sampler: Sampler, plan: Plan, labels: Labels, *, seed: int, guidanc
     evaluation_sums = None
     for batch in iter_batches(sampler, labels, seed, batch_size=G, guidance=guidance,
                               steps=steps, shift=shift, batches=todo, noise=noise,
-                              dup_blocks=dup_blocks, progress=progress, stream=stream):
+                              dup_blocks=dup_blocks, progress=progress, stream=stream,
+                              condition=condition):
         sums = np.asarray(batch.evaluations, np.float64).sum(axis=1)
         evaluation_sums = sums if evaluation_sums is None else evaluation_sums + sums
         summary.drawn += len(batch.indices)
@@ -339,7 +353,8 @@ def draw_run(sampler: Sampler, plan: Plan, labels: Labels, *, seed: int, guidanc
                 if len(summary.unfinished) < LISTED:
                     summary.unfinished.append(i)
             else:
-                save_png(plan.images.path(i, k), img)
+                text = None if prompts is None else {"prompt": prompts[k]}
+                save_png(plan.images.path(i, k), img, text)
                 summary.written += 1
     if evaluation_sums is not None:
         summary.evaluations = describe_evaluations((evaluation_sums / summary.drawn)[:, None])
