@@ -161,11 +161,8 @@ def test_generate_waits_for_warm_up(demo_ckpt):
 
 # ---------------------------------------------------------------------- command line
 
-def test_cli_help_and_usage_errors(capsys, tmp_path):
-    assert app.main(["--help"]) == 0
-    out = capsys.readouterr().out
-    for flag in ("--ckpt", "--host", "--port", "--dtype", "--attention"):
-        assert flag in out
+def test_cli_usage_errors(capsys, tmp_path):
+    # --help itself: tests/test_cli_layer.py reads every flag's help text from the parser.
     assert app.main(["--port", "70000"]) == 2
     assert "--port must be in 1..65535" in capsys.readouterr().err
     assert app.main(["--ckpt", str(tmp_path / "missing")]) == 2
