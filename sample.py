@@ -25,19 +25,12 @@ of prompt k is numbered k * --num-images + i, and guidance g applies at every st
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
-import shutil
 import sys
 
 from pixelflow_jax import cli, defaults
-from pixelflow_jax.cli import EXIT_UNFINISHED
-
-# ImageNet classes shown by default (golden retriever, otter, ...): the usual demo set.
-IMAGENET_DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
-# A grid is assembled in memory; past this many images a folder serves better.
-MAX_GRID_IMAGES = 4096
+from pixelflow_jax.sample_run import (MAX_GRID_IMAGES, SampleRequest, interrupted_message,
+                                      run_sampling)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,283 +156,31 @@ def validate_args(args: argparse.Namespace) -> None:
         args.progress = "stages" if sys.stderr.isatty() else "batches"
 
 
-def say(args, text: str) -> None:
-    import jax
-    if not args.quiet and jax.process_index() == 0:
-        print(text, file=sys.stderr)
-
-
-def parts_folder(grid: str) -> str:
-    """Where a grid's images are written before it is assembled: ``.NAME.parts`` beside it."""
-    grid = os.path.abspath(grid)
-    return os.path.join(os.path.dirname(grid), f".{os.path.basename(grid)}.parts")
-
-
-def file_digest(path: str) -> str:
-    """SHA-256 of a file (recorded for --noise-from: the noise decides the images)."""
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def report_failures(args, summary, what_was_not_written: str) -> int:
-    """Name the images that were not written, one line per kind; the exit code."""
-    lines = []
-    if summary.num_nonfinite:
-        lines.append(f"{summary.num_nonfinite} image(s) came out with NaN or inf values and "
-                     f"were not written (first: {summary.nonfinite[:10]}); the checkpoint or "
-                     "the settings give non-finite values")
-    if summary.num_unfinished:
-        lines.append(f"{summary.num_unfinished} image(s) did not finish within --max-steps "
-                     f"{args.max_steps} and were not written (first: "
-                     f"{summary.unfinished[:10]}); rerun with a larger --max-steps to draw them")
-    for line in lines:
-        print(f"sample.py: {line}{what_was_not_written}", file=sys.stderr)
-    return EXIT_UNFINISHED if lines else 0
-
-
-def plan_output(args, p, dtype_name: str, classes: list[int], steps: list[int], n: int,
-                resolution: int, batch: int, devices: int, stream, encoder_dir: str | None = None):
-    """(plan, labels): what the output already holds and what is left; writes nothing.
-    Text runs (``encoder_dir`` given) label images with prompt numbers."""
-    from pixelflow_jax.fid import fid_folder, fid_labels, fid_settings
-    from pixelflow_jax.generate import ClassBlocks
-    from pixelflow_jax.prompts import PromptBlocks, PromptCycle, prompts_digest
-    from pixelflow_jax.resumable import ImageFolder, plan_run
-
-    settings = dict(checkpoint=os.path.abspath(args.ckpt), dtype=dtype_name, rtol=args.rtol,
-                    atol=args.atol, max_steps=args.max_steps, error_control=args.error_control)
-    text = encoder_dir is not None
-    if text:  # the prompts decide the images: a resume with other prompts is refused
-        settings.update(prompts_sha256=prompts_digest(args.prompts),
-                        num_prompts=len(args.prompts), negative_prompt=args.negative_prompt,
-                        text_encoder=os.path.abspath(encoder_dir))
-    if args.fid_samples is not None:
-        settings = fid_settings(n, seed=args.seed, guidance=args.cfg, steps=steps,
-                                shift=args.shift, solver=args.solver, resolution=resolution,
-                                batch=batch, devices=devices, settings=settings)
-        return (plan_run(fid_folder(args.out, n), settings, batch, stream=stream),
-                PromptCycle(n, len(args.prompts)) if text else fid_labels(n, p.num_classes))
-    labels = PromptBlocks(len(args.prompts), args.num_images) if text \
-        else ClassBlocks(tuple(classes), args.num_images)
-    if not text:
-        settings.update(classes=list(classes))
-    settings.update(num_images=args.num_images, seed=args.seed,
-                    guidance=args.cfg, steps=list(steps), shift=args.shift, solver=args.solver,
-                    resolution=resolution, batch=batch, devices=devices,
-                    noise_from=args.noise_from and file_digest(args.noise_from))
-    grid = args.out_kind == "grid"  # its parts are a cache: another run's are discarded
-    folder = os.path.abspath(parts_folder(args.out) if grid else args.out)
-    return (plan_run(ImageFolder(folder, n, None if text else labels), settings, batch,
-                     other_settings="discard" if grid else "refuse", stream=stream), labels)
-
-
-def check_cost(args, p, dtype_name: str, guidance_weights, resolutions, steps: list[int],
-               n: int, rows: int, batch: int, devices: int, pending: int):
-    """The estimate of drawing ``pending`` images; raises UserError (on every host) when
-    it is over a limit (pixelflow_jax.estimate)."""
-    import jax
-
-    from pixelflow_jax import estimate
-    from pixelflow_jax.errors import UserError
-
-    R, C = resolutions[-1], p.in_channels
-    disk_extra = n * R * R * 3 if args.fid_samples is not None else 0  # the .npz
-    grid_bytes = 0
-    if args.out_kind == "grid":
-        grid_bytes = (rows * (R + 2) + 2) * (-(-n // rows) * (R + 2) + 2) * C
-        disk_extra = grid_bytes + estimate.PNG_OVERHEAD
-    device = jax.devices()[0]
-    est = estimate.estimate_sampling(
-        p, resolutions, solver=args.solver, steps=steps, max_steps=args.max_steps,
-        guidance=args.cfg, guidance_weights=guidance_weights, images=pending,
-        rows_per_device=batch // devices, devices=devices, hosts=jax.process_count(),
-        platform=device.platform, kind=device.device_kind, dtype_name=dtype_name,
-        disk_per_image=estimate.png_bytes(R, C), disk_extra=disk_extra)
-    problem = None
-    try:
-        estimate.check_estimate(est, disk_free=estimate.free_disk(args.out),
-                                memory_free=estimate.free_memory(device), out=args.out,
-                                allow_long=args.yes)
-        host_free = estimate.free_memory(jax.devices("cpu")[0])
-        if grid_bytes and host_free is not None and 2 * grid_bytes > host_free:
-            raise UserError(f"the grid needs ~{estimate.describe_bytes(2 * grid_bytes)} of "
-                            f"memory, more than the {estimate.describe_bytes(host_free)} free; "
-                            "give --out a folder to write separate PNGs")
-    except UserError as e:
-        problem = e
-    estimate.agree_on_all_hosts(problem)
-    return est
-
-
-def finish(args, plan, summary, rows: int) -> int:
-    """Report what was not written, then the .npz (FID) or the grid; the exit code."""
-    from pixelflow_jax.errors import UserError
-    from pixelflow_jax.fid import finish_fid
-    from pixelflow_jax.images import grid_from_files, save_png
-
-    if summary.evaluations:
-        say(args, f"velocity evaluations per image: {summary.evaluations}")
-    unwritten = {"grid": f"; {args.out} was not written", "folder": ""}[args.out_kind]
-    code = report_failures(args, summary, "; the .npz was not made"
-                           if args.fid_samples is not None else unwritten)
-    if code:
-        return code
-    if args.fid_samples is not None:
-        with cli.writing(args.out, unnamed=False):
-            npz = finish_fid(plan)
-        say(args, f"drew {summary.drawn} images in {summary.seconds:.1f} s; wrote "
-                  f"{npz or 'no .npz on this host'}")
-        return 0
-    if args.out_kind == "grid":
-        parts, n = plan.images.folder, plan.images.num_images
-        files = plan.images.find()
-        missing = [i for i in range(n) if i not in files]
-        if missing:  # only if the folder changed under us
-            raise UserError(f"{parts} lost image {missing[0]}; rerun the same command")
-        grid = grid_from_files([files[i] for i in range(n)], rows=rows)
-        # a text grid carries its rows' prompts, in order
-        text = None if args.prompts is None else {
-            "prompts": json.dumps(args.prompts, ensure_ascii=False)}
-        save_png(args.out, grid, text)
-        with cli.writing(parts, unnamed=False):
-            shutil.rmtree(parts)
-    drew = (f"{summary.drawn} images drawn in {summary.seconds:.1f} s" if summary.drawn
-            else "every image was there already")
-    say(args, f"wrote {args.out} ({drew})")
-    return 0
+def request_from_args(args: argparse.Namespace) -> SampleRequest:
+    """The library's request from flags already checked by :func:`validate_args`."""
+    return SampleRequest(
+        out=args.out, out_kind=args.out_kind, ckpt=args.ckpt, classes=args.classes,
+        prompts=args.prompts, negative_prompt=args.negative_prompt,
+        text_encoder=args.text_encoder, num_images=args.num_images, seed=args.seed,
+        cfg=args.cfg, solver=args.solver, steps=args.steps, shift=args.shift, rtol=args.rtol,
+        atol=args.atol, max_steps=args.max_steps, error_control=args.error_control,
+        dtype=args.dtype, fid_samples=args.fid_samples, batch_size=args.batch_size,
+        resolution=args.resolution, noise_from=args.noise_from, attention=args.attention,
+        progress=args.progress, quiet=args.quiet, yes=args.yes)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pixelflow_jax import distributed, runtime
+    """Check the flags, start multi-host JAX if launched so, and draw (pixelflow_jax.sample_run)."""
+    from pixelflow_jax import distributed
 
     validate_args(args)
     distributed.initialize(args.distributed)  # before anything touches a device
-    import jax
-    import numpy as np
-
-    from pixelflow_jax.checkpoint import load_checkpoint
-    from pixelflow_jax.errors import UserError
-    from pixelflow_jax.generate import MAX_IMAGES, global_batch_size
-    from pixelflow_jax.noise import load_noise_npz
-    from pixelflow_jax.resumable import draw_run
-    from pixelflow_jax.scheduler import schedule_from_config
-
-    if jax.process_count() > 1 and args.out_kind == "grid":
-        raise UserError("on several hosts each host holds only its own images: give --out a "
-                        "folder (or use --fid-samples)")
-    runtime.enable_compilation_cache()
-    dtype = runtime.compute_dtype(args.dtype)
-    dtype_name = np.dtype(dtype).name
-    if args.ckpt is None:
-        from pixelflow_jax.default_model import default_checkpoint
-        args.ckpt = default_checkpoint()
-    model, cfg = load_checkpoint(args.ckpt, dtype=dtype, attention_impl=args.attention)
-    p = cfg.params
-    text = p.cross_attention_dim is not None
-    encoder_dir = None
-    if text:
-        from pixelflow_jax.prompts import text_encoder_folder
-        if args.classes is not None:
-            raise UserError(f"{args.ckpt} is a text-to-image model: give --prompt or "
-                            "--prompts-file, not --classes")
-        if args.prompts is None:
-            raise UserError(f"{args.ckpt} is a text-to-image model: give --prompt TEXT or "
-                            "--prompts-file FILE")
-        encoder_dir = text_encoder_folder(args.ckpt, args.text_encoder)
-        args.negative_prompt = args.negative_prompt or ""
-        classes = []
-    elif p.num_classes == 0:
-        raise UserError(f"{args.ckpt} takes neither class labels nor text: sample.py draws "
-                        "class-conditional and text-to-image models only")
-    else:
-        given = [f for f, v in (("--prompt / --prompts-file", args.prompts),
-                                ("--negative-prompt", args.negative_prompt),
-                                ("--text-encoder", args.text_encoder)) if v is not None]
-        if given:
-            raise UserError(f"{args.ckpt} is a class-conditional model: it takes --classes, "
-                            f"not {given[0]}")
-        classes = args.classes if args.classes is not None else (
-            list(IMAGENET_DEMO_CLASSES) if p.num_classes == 1000
-            else list(range(min(p.num_classes, 10))))
-        bad = [c for c in classes if not 0 <= c < p.num_classes]
-        if bad:
-            raise UserError(f"class id {bad[0]} is outside [0, {p.num_classes})")
-    rows = len(args.prompts) if text else len(classes)
-    schedule = schedule_from_config(cfg.scheduler)
-    steps = schedule.steps_per_stage(args.steps[0] if len(args.steps) == 1 else args.steps)
-    grid_steps = schedule.num_train_timesteps
-    if args.solver != "dopri5" and max(steps) > grid_steps:
-        raise UserError(f"--steps {max(steps)} is more than the {grid_steps} model timesteps "
-                        f"this model was trained on; more steps per stage cannot improve it")
-    n = args.fid_samples or rows * args.num_images
-    if n > MAX_IMAGES:
-        raise UserError(f"{n:,} images is more than one run can number ({MAX_IMAGES:,}); "
-                        "draw fewer")
-    if args.out_kind == "grid" and n > MAX_GRID_IMAGES:
-        raise UserError(f"a grid of {n:,} images is too large (at most {MAX_GRID_IMAGES:,}); "
-                        "give --out a folder to write them as separate PNGs")
-    resolution = cfg.data.resolution if args.resolution is None else args.resolution
-    resolutions = schedule.stage_resolutions(resolution, p.patch_size)
-    devices = jax.device_count()  # the Sampler's mesh: every device
-    batch = global_batch_size(args.batch_size, devices, n)
-    noise = dup = None
-    if args.noise_from:
-        noise, dup = load_noise_npz(args.noise_from, n, resolutions, p.in_channels)
-    stream = io.StringIO() if args.quiet else sys.stderr  # a few lines at most when quiet
-
-    plan, labels = plan_output(args, p, dtype_name, classes, steps, n, resolution, batch,
-                               devices, stream, encoder_dir)
-    pending = plan.pending_images
-    weights = (1.0,) * schedule.num_stages if text else schedule.guidance_weights()
-    est = check_cost(args, p, dtype_name, weights, resolutions, steps, n, rows, batch,
-                     devices, pending)
-    condition = None
-    if text and pending:
-        from pixelflow_jax.prompts import PromptConditioning
-        from pixelflow_jax.text_encoder import TextEncoder
-        say(args, f"loading the text encoder {encoder_dir}...")
-        condition = PromptConditioning(TextEncoder.from_folder(encoder_dir), args.prompts,
-                                       args.negative_prompt, p.cross_attention_dim)
-
-    from pixelflow_jax.sampling import Sampler  # diffrax takes a second: after the checks
-    from pixelflow_jax.solvers import Dopri5Config
-    dopri5 = Dopri5Config(rtol=args.rtol, atol=args.atol, max_steps=args.max_steps,
-                          error_control=args.error_control)
-    sampler = Sampler(model, schedule, resolution, solver=args.solver, dopri5=dopri5,
-                      report_progress=args.progress == "stages")
-    progress = args.progress if args.solver == "euler" or args.progress == "none" else "batches"
-    how = (f"{steps} Euler steps, shift {args.shift}" if args.solver != "dopri5" else
-           f"dopri5 (rtol {args.rtol}, atol {args.atol}, {args.error_control} error control)")
-    status = ("every image is there already" if pending == 0 else est.summary() if pending == n
-              else f"{pending} to draw, {est.summary()}")
-    say(args, f"{n} images of {resolution} px, {how}, guidance {args.cfg}, {dtype_name}: "
-              f"{status}")
-    if noise is None and pending and not text:  # text: compiled per prompt-length bucket
-        note = ("the live stage display is never cached" if progress == "stages"
-                else "cached for later runs")
-        say(args, f"compiling for batch {batch} ({note})...")
-        say(args, f"compiled in {sampler.precompile(batch, steps):.1f} s")
-
-    with cli.writing(plan.images.folder, unnamed=False):  # checkpoint and noise are read
-        if args.out_kind == "grid":
-            cli.make_parents(args.out)
-        summary = draw_run(sampler, plan, labels, seed=args.seed, guidance=args.cfg,
-                           steps=steps, shift=args.shift, noise=noise, dup_blocks=dup,
-                           progress=progress, stream=stream, condition=condition,
-                           prompts=args.prompts if text else None)
-    return finish(args, plan, summary, rows=rows)
+    return run_sampling(request_from_args(args))
 
 
 def interrupted(args: argparse.Namespace) -> str:
     """What an interrupted run leaves behind."""
-    if args.fid_samples is None and args.out.lower().endswith(".png"):
-        return (f"{args.out} was not written; the finished images are kept in "
-                f"{parts_folder(args.out)} and the same command resumes")
-    return f"the finished images in {args.out} are kept; rerun the same command to resume"
+    return interrupted_message(args.out, args.fid_samples)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import sample
+from pixelflow_jax import cli
 from pixelflow_jax.checkpoint import load_checkpoint, save_checkpoint
 from pixelflow_jax.errors import UserError
 from pixelflow_jax.fid import fid_labels, run_fid, write_npz
@@ -136,7 +137,7 @@ def test_nonfinite_images_are_not_written(c2i, tmp_path, capsys):
 
     code = sample.main(["--ckpt", str(tmp_path / "nan"), "--fid-samples", "10", "--batch-size",
                         "10", "--steps", "2", "--out", str(tmp_path / "b"), "--quiet"])
-    assert code == sample.EXIT_UNFINISHED
+    assert code == cli.EXIT_UNFINISHED
     err = capsys.readouterr().err.strip()
     assert err == ("sample.py: 1 image(s) came out with NaN or inf values and were not "
                    "written (first: [3]); the checkpoint or the settings give non-finite "
@@ -156,7 +157,7 @@ def test_resume_with_other_settings_is_refused(ckpt_dir, tmp_path, capsys):
 def test_unfinished_solves_are_reported(ckpt_dir, tmp_path, capsys):
     code = run(ckpt_dir, tmp_path / "u", "--solver", "dopri5", "--max-steps", "2")
     err = capsys.readouterr().err
-    assert code == sample.EXIT_UNFINISHED
+    assert code == cli.EXIT_UNFINISHED
     assert "did not finish within --max-steps 2 and were not written" in err
     assert not os.path.exists(tmp_path / "u.npz")
     assert not [n for n in os.listdir(tmp_path / "u") if n.endswith(".png")]

@@ -16,7 +16,7 @@ from PIL import Image
 import sample
 import torch_reference as ref
 from conftest import ROOT, TINY_C2I, make_config
-from pixelflow_jax import estimate
+from pixelflow_jax import cli, estimate
 from pixelflow_jax.checkpoint import save_checkpoint
 from pixelflow_jax.convert import official_to_nnx
 from pixelflow_jax.errors import UserError
@@ -292,13 +292,13 @@ def nan_ckpt(c2i, tmp_path_factory):
 def test_nonfinite_images_are_named_and_not_written(nan_ckpt, tmp_path, capsys):
     args = ["--ckpt", nan_ckpt, "--classes", "2", "3", "--num-images", "2", "--steps", "2",
             "--quiet"]
-    assert sample.main([*args, "--out", str(tmp_path / "f")]) == sample.EXIT_UNFINISHED
+    assert sample.main([*args, "--out", str(tmp_path / "f")]) == cli.EXIT_UNFINISHED
     err = capsys.readouterr().err.strip()
     assert err == ("sample.py: 2 image(s) came out with NaN or inf values and were not "
                    "written (first: [2, 3]); the checkpoint or the settings give non-finite "
                    "values")
     assert sorted(n for n in os.listdir(tmp_path / "f") if n.endswith(".png")) == \
         ["000000_class2.png", "000001_class2.png"]
-    assert sample.main([*args, "--out", str(tmp_path / "g.png")]) == sample.EXIT_UNFINISHED
+    assert sample.main([*args, "--out", str(tmp_path / "g.png")]) == cli.EXIT_UNFINISHED
     assert capsys.readouterr().err.strip().endswith(f"; {tmp_path / 'g.png'} was not written")
     assert not (tmp_path / "g.png").exists()
