@@ -94,13 +94,12 @@ STUBS = {
     "python3": ('[ "$1" = -c ] && { [ "$STUB_ENSUREPIP" = 1 ]; exit; }\n'
                 '[ "$1 $2" = "-m venv" ] && mkdir -p "$3/bin" && '
                 'echo "export VIRTUAL_ENV=$PWD/$3" > "$3/bin/activate"\nexit 0'),
-    # torch importable when STUB_TORCH=1; pytest exits 3, everything else 0
-    "python": ('[ "$1" = -c ] && { [ "$STUB_TORCH" = 1 ]; exit; }\n'
-               '[ "$1 $2" = "-m pytest" ] && exit 3\nexit 0'),
+    # pytest exits 3, everything else 0
+    "python": '[ "$1 $2" = "-m pytest" ] && exit 3\nexit 0',
 }
 
 
-def _run_script(tmp_path, *, uid, chromium, venv, torch, ensurepip, args=()):
+def _run_script(tmp_path, *, uid, chromium, venv, ensurepip, args=()):
     """Run a copy of scripts/test.sh in a bare clone-like folder, with every outside command
     (apt-get, sudo, id, python3, python) replaced by a stub that logs its arguments."""
     clone = tmp_path / "clone"
@@ -119,7 +118,7 @@ def _run_script(tmp_path, *, uid, chromium, venv, torch, ensurepip, args=()):
     log = tmp_path / "log"
     log.write_text("")
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log), "STUB_UID": str(uid),
-           "STUB_TORCH": "1" if torch else "0", "STUB_ENSUREPIP": "1" if ensurepip else "0",
+           "STUB_ENSUREPIP": "1" if ensurepip else "0",
            "PIXELFLOW_CHROMIUM": str(browser),
            "HOME": str(tmp_path)}
     if venv:
@@ -133,7 +132,7 @@ def test_script_on_a_fresh_machine(tmp_path):
     """No Chromium, no python3-venv, not root, no virtualenv: all gets installed."""
     # what the README's first command leaves behind where python3-venv is missing
     (tmp_path / "clone" / ".venv" / "bin").mkdir(parents=True)
-    rc, log, clone = _run_script(tmp_path, uid=1000, chromium=False, venv=False, torch=False,
+    rc, log, clone = _run_script(tmp_path, uid=1000, chromium=False, venv=False,
                                  ensurepip=False, args=["tests/test_x.py", "-k", "a and b"])
     assert rc == 3  # pytest's exit status
     assert log == [
@@ -154,7 +153,7 @@ def test_script_on_a_fresh_machine(tmp_path):
 
 def test_script_on_a_ready_machine(tmp_path):
     """Chromium present, inside a virtualenv: only pip and pytest run."""
-    rc, log, clone = _run_script(tmp_path, uid=0, chromium=True, venv=True, torch=True,
+    rc, log, clone = _run_script(tmp_path, uid=0, chromium=True, venv=True,
                                  ensurepip=False)
     assert rc == 3
     assert log == ["python <-m> <pip> <install> <--quiet> <-r> <requirements-test.txt>",
@@ -167,7 +166,7 @@ def test_script_as_root_without_chromium(tmp_path):
     venv_bin = tmp_path / "clone" / ".venv" / "bin"
     venv_bin.mkdir(parents=True)
     (venv_bin / "activate").write_text("export VIRTUAL_ENV=$PWD/.venv\n")
-    rc, log, _ = _run_script(tmp_path, uid=0, chromium=False, venv=False, torch=True,
+    rc, log, _ = _run_script(tmp_path, uid=0, chromium=False, venv=False,
                              ensurepip=True)
     assert rc == 3
     assert log == [
