@@ -3,6 +3,7 @@
 
   python convert_torch.py SRC DST              # official folder (model.pt + config.yaml) -> DST
   python convert_torch.py model.pt DST --config config.yaml
+  python convert_torch.py SRC DST --text-encoder FLAN_T5_DIR  # + DST/text_encoder/
   python convert_torch.py --to-torch SRC DST   # pixelflow-jax folder -> model.pt + config.yaml
 
 PyTorch is not needed, and a checkpoint cannot run code: the pickle inside
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-torch", action="store_true",
                    help="convert a pixelflow-jax checkpoint back to model.pt (float32) + "
                         "config.yaml, loadable by the official code with strict=True")
+    p.add_argument("--text-encoder", metavar="HF_T5_DIR",
+                   help="a Hugging Face T5 folder (google/flan-t5-xl for PixelFlow-Text2Image): "
+                        "its encoder weights, config and tokenizer go into DST/text_encoder/, "
+                        "so DST samples from prompts alone (the decoder is left out)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     return p
 
@@ -49,10 +54,15 @@ def run(args: argparse.Namespace) -> int:
     if args.to_torch and (args.config or args.dtype != "float32"):
         raise UserError("--to-torch writes float32 with the checkpoint's own config; "
                         "--config and --dtype do not apply")
+    if args.to_torch and args.text_encoder:
+        raise UserError("--text-encoder does not apply to --to-torch (model.pt holds the "
+                        "transformer only)")
     cli.check_output(args.dst, "DST", "replace", overwrite=args.overwrite)
     cli.check_distinct(args.dst, args.src, "DST", "SRC")
     if args.config:
         cli.check_distinct(args.dst, args.config, "DST", "--config")
+    if args.text_encoder:
+        cli.check_distinct(args.dst, args.text_encoder, "DST", "--text-encoder")
     from pixelflow_jax.torch_checkpoint import export_torch_checkpoint, import_torch_checkpoint
 
     cli.make_parents(args.dst)
@@ -61,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
             report = export_torch_checkpoint(args.src, args.dst, overwrite=args.overwrite)
         else:
             report = import_torch_checkpoint(args.src, args.dst, config=args.config,
-                                             dtype=args.dtype, overwrite=args.overwrite)
+                                             dtype=args.dtype, overwrite=args.overwrite,
+                                             text_encoder=args.text_encoder)
     print(f"wrote {args.dst}: {report.tensors} tensors, {report.parameters:,} parameters "
           f"in {report.seconds:.1f} s")
     return cli.EXIT_OK

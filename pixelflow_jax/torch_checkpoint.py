@@ -10,19 +10,22 @@ before anything is written, and output folders appear whole or not at all.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
+import struct
 import time
 import uuid
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from pixelflow_jax.checkpoint import load_param_tree, replace_folder, save_checkpoint
 from pixelflow_jax.config import load_config, save_config
 from pixelflow_jax.convert import ConversionError, iter_official, official_to_nnx
 from pixelflow_jax.errors import UserError
-from pixelflow_jax.torch_format import read_state_dict, write_state_dict
+from pixelflow_jax.torch_format import SAFETENSORS_DTYPES, read_state_dict, write_state_dict
 
 WEIGHT_FILES = ("model.pt", "model.pth", "model.safetensors")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -67,26 +70,102 @@ def _check_destination(dst: str, overwrite: bool) -> None:
         raise UserError(f"cannot write {dst}: no write permission in {parent}")
 
 
+# Small files of a Hugging Face T5 folder copied beside the encoder weights (the tokenizer).
+TEXT_ENCODER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
+                      "special_tokens_map.json", "spiece.model")
+
+
+def check_text_encoder(folder: str, cross_attention_dim: int | None) -> None:
+    """Refuse a T5 folder that does not load (config, tokenizer, every encoder tensor) or
+    whose ``d_model`` is not the checkpoint's ``cross_attention_dim`` (DESIGN §7)."""
+    from pixelflow_jax.hf_weights import read_t5_config
+    from pixelflow_jax.text_encoder import TextEncoder
+
+    if cross_attention_dim is None:
+        raise UserError("--text-encoder is for text-to-image checkpoints; this one is "
+                        "class-conditional (no cross_attention_dim)")
+    if not os.path.isdir(folder):
+        raise UserError(f"--text-encoder {folder}: no such folder")
+    d_model = read_t5_config(folder).d_model
+    if d_model != cross_attention_dim:
+        raise UserError(f"--text-encoder {folder}: its d_model is {d_model} but the checkpoint's "
+                        f"cross_attention_dim is {cross_attention_dim}")
+    # bfloat16: the checks only, at half the memory of the float32 encoder.
+    TextEncoder.from_folder(folder, dtype=jnp.bfloat16)
+
+
+def write_text_encoder(src: str, dst: str) -> int:
+    """Write ``dst``: the tokenizer files and config of the T5 folder ``src`` and its encoder
+    tensors alone (no decoder, no ``lm_head``), as stored, under their Hugging Face names in
+    one ``model.safetensors``. ``src`` must have passed :func:`check_text_encoder`.
+    Returns the number of tensors written."""
+    from pixelflow_jax.hf_weights import (EMBEDDING, EMBEDDING_ALIAS, encoder_layout,
+                                          read_t5_config, weight_files)
+
+    wanted = set(encoder_layout(read_t5_config(src)))
+    tensors = {}
+    for file in weight_files(src):
+        for name, tensor in read_state_dict(file).items():
+            key = EMBEDDING if name == EMBEDDING_ALIAS else name
+            if key in wanted and key not in tensors:
+                tensors[key] = tensor
+    names = {v.name: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        size = int(np.prod(t.shape)) * t.dtype.itemsize
+        header[name] = {"dtype": names[t.dtype.name], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format advises
+    os.makedirs(dst)
+    for name in TEXT_ENCODER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    with open(os.path.join(dst, "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():  # one tensor in memory at a time
+            f.write(np.ascontiguousarray(t.read()).astype(t.dtype.newbyteorder("<")).tobytes())
+    return len(tensors)
+
+
 def import_torch_checkpoint(src: str, dst: str, *, config: str | None = None,
-                            dtype: str = "float32", overwrite: bool = False) -> ConversionReport:
+                            dtype: str = "float32", overwrite: bool = False,
+                            text_encoder: str | None = None) -> ConversionReport:
     """Convert an official checkpoint into this package's checkpoint folder ``dst``.
 
     ``dtype`` is the stored parameters' dtype (``float32`` or ``bfloat16``); the
-    network always computes with float32 parameters. Raises ``UserError`` (with
-    every problem) for bad input; ``dst`` is untouched on failure.
+    network always computes with float32 parameters. ``text_encoder``, a Hugging Face
+    T5 folder, is checked and its encoder written into ``dst/text_encoder`` (see
+    :func:`write_text_encoder`). Raises ``UserError`` (with every problem) for bad
+    input; ``dst`` is untouched on failure.
     """
+    from pixelflow_jax.prompts import TEXT_ENCODER_FOLDER
+
     start = time.perf_counter()
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     weights, config_path = locate_official(src, config)
     cfg = load_config(config_path)
     _check_destination(dst, overwrite)
+    if text_encoder is not None:
+        check_text_encoder(text_encoder, cfg.params.cross_attention_dim)
     state_dict = read_state_dict(weights)
     try:
         tree = official_to_nnx(state_dict, cfg.params, dtype=DTYPES[dtype])
     except ConversionError as e:
         raise ConversionError([f"{weights} vs {config_path}: {p}" for p in e.problems]) from None
-    save_checkpoint(dst, tree, cfg, overwrite=overwrite)
+    if text_encoder is None:
+        save_checkpoint(dst, tree, cfg, overwrite=overwrite)
+    else:
+        # Both parts into one folder beside dst, renamed into place whole.
+        tmp = f"{os.path.abspath(dst)}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            save_checkpoint(tmp, tree, cfg)
+            write_text_encoder(text_encoder, os.path.join(tmp, TEXT_ENCODER_FOLDER))
+            replace_folder(tmp, dst)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     parameters = sum(int(t.size) for t in _leaves(tree))
     return ConversionReport(len(state_dict), parameters, time.perf_counter() - start)
 
