@@ -1,16 +1,24 @@
 #!/usr/bin/env python3
-"""Serve the PixelFlow generation page (Gradio): pick a class, press Generate, see 4 images.
+"""Serve the PixelFlow generation page (Gradio): pick a class or type a prompt, press
+Generate, see 4 images.
 
 Examples:
   python app.py                       # the embedded digits model on http://127.0.0.1:7860
   python app.py --ckpt CKPT_DIR --host 0.0.0.0 --port 8080
+  python app.py --ckpt T2I_DIR --text-encoder FLAN_T5_XL_DIR   # a text-to-image model
 
 The page is up at once and says "warming up" while the model compiles (once, for
 every setting: changing class, solver, steps, guidance, shift or seed never
-recompiles). Requests queue and run one at a time. The same endpoint is an API
-(/generate; see "Use via API" at the bottom of the page). User mistakes on the
-command line (a bad --host or --port included) end with one line on stderr and
-exit code 2, before the model loads; Ctrl-C stops the server with exit code 130.
+recompiles). A text-to-image checkpoint gets a prompt and a negative-prompt box
+instead of the class list; prompts are padded to a length bucket (16, 32, ... 512
+tokens), and a new prompt never recompiles: only the first prompt of a longer
+bucket, and the first Dopri5 request of a bucket, compile once. Prompts longer than
+T5's 511 tokens are cut there, as in the official pipeline, and the page says so.
+Requests queue and run one at a time. The same endpoint is an API (/generate; see
+"Use via API" at the bottom of the page). User mistakes on the command line (a bad
+--host or --port, a text checkpoint without an encoder, --text-encoder for a class
+checkpoint) end with one line on stderr and exit code 2, before the model loads;
+Ctrl-C stops the server with exit code 130.
 """
 
 import argparse
@@ -39,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     """app.py's flags."""
     p = cli.Parser(prog="app.py", doc=__doc__)
     cli.add_ckpt(p)
+    p.add_argument("--text-encoder", default=None, metavar="HF_T5_DIR",
+                   help="text-to-image checkpoints: the T5 encoder's Hugging Face folder "
+                        "(config.json, tokenizer.json, weights), e.g. google/flan-t5-xl "
+                        "(default: the checkpoint's text_encoder/ folder); refused for "
+                        "class-conditional checkpoints")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 serves other machines too "
                         "(default %(default)s)")
@@ -97,26 +110,117 @@ def shown_path(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
+MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|<>~&")
+PROMPT_SHOWN = 200  # characters of a prompt repeated in the status line
+
+
+def markdown_text(text: str, limit: int = PROMPT_SHOWN) -> str:
+    """``text`` as literal Markdown: special characters escaped, lines joined, cut to
+    ``limit`` characters (a prompt must not format, link or inject HTML into the page)."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[:limit - 1] + "…"
+    return "".join("\\" + c if c in MARKDOWN_SPECIAL else c for c in text)
+
+
 def describe(result: Any) -> str:
-    """The status line under the images for one result."""
+    """The status line under the images for one result: what was drawn, the request's
+    time and velocity evaluations, and the compiled programs."""
     r = result.request
     how = ("Dopri5 (adaptive)" if r.dopri5 else
            f"Euler {'+'.join(map(str, r.steps))} steps, shift {r.shift:g}")
-    return (f"{len(result.images)} images of **{result.class_name}** (class {r.class_id}) in "
-            f"{result.seconds:.2f} s: {how}, guidance {r.guidance:g}, seed {r.seed}; "
-            f"{result.evaluations} velocity evaluations per image; compiled programs: "
-            f"{result.num_compilations}")
+    if r.prompt is None:
+        what = f"**{result.class_name}** (class {r.class_id})"
+        timing = f"{result.seconds:.2f} s"
+    else:
+        what = f"“{markdown_text(r.prompt)}”"
+        if r.negative_prompt:
+            what += f" (negative prompt “{markdown_text(r.negative_prompt)}”)"
+        timing = f"{result.seconds:.2f} s (text encoding {result.encode_seconds:.2f} s"
+        if result.new_programs:
+            timing += (f"; compiling {result.new_programs} new program"
+                       f"{'s' if result.new_programs > 1 else ''} "
+                       f"{result.compile_seconds:.1f} s, once")
+        timing += ")"
+    line = (f"{len(result.images)} images of {what} in {timing}: {how}, guidance "
+            f"{r.guidance:g}, seed {r.seed}; {result.evaluations} velocity evaluations per "
+            f"image; compiled programs: {result.num_compilations}")
+    if r.prompt is not None:
+        line += (f"; the prompt is {result.prompt_tokens} tokens (end token included), "
+                 f"padded to {result.context_length}")
+        if result.truncated:
+            line += (f"\n\n**Note:** the {' and the '.join(result.truncated)} "
+                     f"{'is' if len(result.truncated) == 1 else 'are'} longer than T5's "
+                     "511 tokens: only the first 511 were used (as in the official pipeline)")
+    return line
+
+
+def output_images(result: Any) -> list:
+    """The gallery's images; a text result's PNGs carry their prompt (``prompt`` text
+    chunk, and ``negative_prompt`` when there is one), as ``sample.py``'s do."""
+    from PIL import Image
+
+    r = result.request
+    out = []
+    for img in result.images:
+        img = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        if r.prompt is not None:  # Gradio writes str entries of `info` as PNG text chunks
+            img.info["prompt"] = r.prompt
+            if r.negative_prompt:
+                img.info["negative_prompt"] = r.negative_prompt
+        out.append(img)
+    return out
+
+
+def describe_model(demo: Any) -> str:
+    """The page's heading text for a loaded demo (either kind)."""
+    resolutions = demo.euler.resolutions
+    what = (f"text-to-image, prompts read by the T5 encoder `{shown_path(demo.encoder_dir)}`"
+            if demo.kind == "text" else f"{demo.num_classes} classes")
+    stages = f"{demo.num_stages} stage{'s' if demo.num_stages != 1 else ''}"
+    return (f"Cascaded pixel-space flow matching: {demo.resolution} px images in "
+            f"{stages} ({' → '.join(f'{r} px' for r in resolutions)}), "
+            f"{what}. Checkpoint: `{shown_path(demo.ckpt_dir)}`")
+
+
+def condition_inputs(demo: Any) -> list:
+    """What the images are of: the class list, or the prompt and negative-prompt boxes.
+    Their values are ``demo.generate``'s positional arguments, in order."""
+    import gradio as gr
+
+    if demo.kind == "text":
+        return [gr.Textbox(label="Prompt", lines=2, max_lines=8, elem_id="prompt",
+                           placeholder="describe the image, e.g. a photo of a cat on a mat"),
+                gr.Textbox("", label="Negative prompt", lines=1, max_lines=4,
+                           elem_id="negative",
+                           placeholder="empty by default, as in the official pipeline")]
+    choices = [(option_label(i, name), i) for i, name in enumerate(demo.names)]
+    default_class = 207 if demo.num_classes == 1000 else 0  # golden retriever
+    return [gr.Dropdown(choices, value=default_class, label="Class", elem_id="class")]
+
+
+def ready_text(demo: Any) -> str:
+    """The status line once warm-up has succeeded."""
+    if demo.kind == "text":
+        from pixelflow_jax.text_encoder import BUCKETS
+
+        longer = ", ".join(str(b) for b in BUCKETS if b > demo.first_bucket)
+        return (f"**Ready.** Compiled in {demo.compile_seconds:.1f} s for prompts of up to "
+                f"{demo.first_bucket} tokens; a new prompt never recompiles. The first "
+                f"longer prompt of each length bucket ({longer} tokens), and the first Dopri5 "
+                "request of a bucket, compile once.")
+    return (f"**Ready.** Compiled in {demo.compile_seconds:.1f} s; changing any setting "
+            "never recompiles.")
 
 
 def build_ui(demo: Any, started: float) -> Any:
-    """The Gradio page around a :class:`~pixelflow_jax.demo.PixelFlowDemo`."""
+    """The Gradio page around a loaded demo (:func:`pixelflow_jax.demo.load_demo`): the
+    class page or the prompt page, with the same solver controls."""
     import gradio as gr
 
     from pixelflow_jax import demo as demo_lib
     from pixelflow_jax.errors import UserError
 
-    choices = [(option_label(i, name), i) for i, name in enumerate(demo.names)]
-    default_class = 207 if demo.num_classes == 1000 else 0  # golden retriever
     resolutions = demo.euler.resolutions
 
     def status() -> str:
@@ -125,8 +229,7 @@ def build_ui(demo: Any, started: float) -> Any:
         if not demo.ready:
             return (f"⏳ **Warming up: compiling the model…** ({time.time() - started:.0f} s "
                     "so far; this happens once, then every request costs only the sampling)")
-        return (f"**Ready.** Compiled in {demo.compile_seconds:.1f} s; changing any setting "
-                "never recompiles.")
+        return ready_text(demo)
 
     def refresh() -> tuple:
         done = demo.wait_until_warm(0)
@@ -139,11 +242,13 @@ def build_ui(demo: Any, started: float) -> Any:
     errors: OrderedDict[str, str] = OrderedDict()
     errors_lock = threading.Lock()
 
-    # Gradio injects the request by its position and annotation (before the inputs).
-    def generate(request: gr.Request, class_: Any, dopri5: Any, shift: Any, guidance: Any,
-                 seed: Any, *steps: Any) -> tuple:
+    # Gradio injects the request by its position and annotation (before the inputs):
+    # the condition's values, then dopri5, shift, guidance, seed and the steps per stage.
+    def generate(request: gr.Request, *values: Any) -> tuple:
+        condition, (dopri5, shift, guidance, seed, *steps) = \
+            values[:len(conditions)], values[len(conditions):]
         try:
-            result = demo.generate(class_, dopri5=dopri5, steps=list(steps),
+            result = demo.generate(*condition, dopri5=dopri5, steps=list(steps),
                                    guidance=guidance, shift=shift, seed=seed)
         except UserError as e:
             with errors_lock:
@@ -152,8 +257,7 @@ def build_ui(demo: Any, started: float) -> Any:
                     errors.popitem(last=False)
             # gr.Error: a toast in the page, and an error API clients can read.
             raise gr.Error(str(e), title="Cannot generate", print_exception=False) from None
-        images = [img[..., 0] if img.shape[-1] == 1 else img for img in result.images]
-        return images, describe(result)
+        return output_images(result), describe(result)
 
     def show_error(request: gr.Request) -> str:
         with errors_lock:
@@ -162,14 +266,10 @@ def build_ui(demo: Any, started: float) -> Any:
 
     with gr.Blocks(title=TITLE, analytics_enabled=False,
                    delete_cache=(3600, 3600)) as blocks:
-        gr.Markdown(f"# {TITLE}\nCascaded pixel-space flow matching: "
-                    f"{demo.resolution} px images in {demo.num_stages} stages "
-                    f"({' → '.join(f'{r} px' for r in resolutions)}), "
-                    f"{demo.num_classes} classes. Checkpoint: `{shown_path(demo.ckpt_dir)}`")
+        gr.Markdown(f"# {TITLE}\n{describe_model(demo)}")
         with gr.Row():
             with gr.Column(scale=1):
-                class_box = gr.Dropdown(choices, value=default_class, label="Class",
-                                        elem_id="class")
+                conditions = condition_inputs(demo)
                 dopri5 = gr.Checkbox(False, label="Dopri5 solver (adaptive; ignores steps "
                                      "and shift)", elem_id="dopri5")
                 shift = gr.Slider(*demo_lib.SHIFT_RANGE, value=demo_lib.DEFAULT_SHIFT, step=1,
@@ -197,7 +297,7 @@ def build_ui(demo: Any, started: float) -> Any:
                     show_progress="hidden", api_visibility="private")
         # preprocess=False: the raw values reach demo.parse, whose messages name the field
         # (Gradio's own range checks would say only "Value 0 is less than minimum value 1").
-        button.click(generate, inputs=[class_box, dopri5, shift, guidance, seed, *steps],
+        button.click(generate, inputs=[*conditions, dopri5, shift, guidance, seed, *steps],
                      outputs=[gallery, message], api_name="generate", preprocess=False,
                      concurrency_limit=1, show_progress_on=gallery).failure(
             show_error, outputs=message, concurrency_limit=None, show_progress="hidden",
@@ -220,13 +320,13 @@ def run(args: argparse.Namespace) -> int:
     check_address(args.host, args.port)
     from pixelflow_jax import runtime
     from pixelflow_jax.default_model import default_checkpoint
-    from pixelflow_jax.demo import PixelFlowDemo
+    from pixelflow_jax.demo import load_demo
     from pixelflow_jax.errors import UserError
 
     started = time.time()
     runtime.enable_compilation_cache()
-    demo = PixelFlowDemo(args.ckpt or default_checkpoint(), dtype=args.dtype,
-                         attention=args.attention)
+    demo = load_demo(args.ckpt or default_checkpoint(), text_encoder=args.text_encoder,
+                     dtype=args.dtype, attention=args.attention)
     blocks = build_ui(demo, started)
     blocks.queue(default_concurrency_limit=1)
     try:

@@ -85,6 +85,11 @@ class TextEncoder:
         tokenizer = PromptTokenizer.from_folder(folder)  # before the slow part
         return cls(load_t5_encoder(folder, dtype=dtype, config=config), tokenizer, **kwargs)
 
+    @property
+    def num_compilations(self) -> int:
+        """Encoder programs compiled so far: one per (batch rows, bucket) met."""
+        return self._forward._cache_size()
+
     def encode(self, prompts: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH
                ) -> tuple[np.ndarray, np.ndarray]:
         """Features float32 [N, L, d_model] and mask int32 [N, L] of ``prompts``.

@@ -161,7 +161,7 @@ def test_generate_waits_for_warm_up(demo_ckpt):
 
 # ---------------------------------------------------------------------- command line
 
-def test_cli_usage_errors(capsys, tmp_path):
+def test_cli_usage_errors(capsys, tmp_path, demo_ckpt):
     # --help itself: tests/test_cli_layer.py reads every flag's help text from the parser.
     assert app.main(["--port", "70000"]) == 2
     assert "--port must be in 1..65535" in capsys.readouterr().err
@@ -169,6 +169,13 @@ def test_cli_usage_errors(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("app.py: error:") and err.count("\n") == 1
     assert app.main(["--bogus"]) == 2
+    capsys.readouterr()
+    # A text encoder for a class checkpoint (text checkpoints: tests/test_app_text.py).
+    assert app.main(["--ckpt", demo_ckpt, "--text-encoder", str(tmp_path),
+                     "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a class-conditional model: --text-encoder is only " \
+        "for text-to-image checkpoints" in err
 
 
 # ---------------------------------------------------------------------- the page
