@@ -124,9 +124,12 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(inner)
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array],
-                 context: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
+                 context: jax.Array | None = None, bias: jax.Array | None = None,
+                 kv_lengths: jax.Array | None = None) -> jax.Array:
         """Self-attention on x (RoPE on q and k), or cross-attention to ``context``
-        (RoPE on q only). Returns [B, N, q_dim] in the compute dtype."""
+        (RoPE on q only), masked by ``bias`` or by ``kv_lengths`` (a prefix mask, see
+        :func:`pixelflow_jax.attention.attention`). Returns [B, N, q_dim] in the
+        compute dtype."""
         dtype = self.q_proj.dtype
         kv = x if context is None else context
         heads = lambda t: t.reshape(*t.shape[:2], self.heads, self.head_dim)
@@ -137,7 +140,7 @@ class Attention(nnx.Module):
         if context is None:
             k = apply_rope(k, *rope)
         out = attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), bias,
-                        implementation=self.attention_impl)
+                        kv_lengths=kv_lengths, implementation=self.attention_impl)
         return self.o_proj(out.reshape(*out.shape[:2], -1))
 
 
@@ -170,14 +173,16 @@ class TransformerBlock(nnx.Module):
         self.mlp = FeedForward(E, dtype, rngs)
 
     def __call__(self, h: jax.Array, silu_cond: jax.Array, rope: tuple[jax.Array, jax.Array],
-                 context: jax.Array | None, context_bias: jax.Array | None) -> jax.Array:
+                 context: jax.Array | None, context_bias: jax.Array | None,
+                 context_lengths: jax.Array | None = None) -> jax.Array:
         dtype = self.mlp.fc1.dtype
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(silu_cond)
         a = layer_norm(h) * (1 + scale_msa) + shift_msa
         h = h + gate_msa * self.attn1(a.astype(dtype), rope).astype(F32)
         if context is not None:
             c = self.norm2(h).astype(dtype)
-            h = h + self.attn2(c, rope, context.astype(dtype), context_bias).astype(F32)
+            h = h + self.attn2(c, rope, context.astype(dtype), context_bias,
+                               context_lengths).astype(F32)
         m = self.norm3(h) * (1 + scale_mlp) + shift_mlp
         return h + gate_mlp * self.mlp(m.astype(dtype)).astype(F32)
 
@@ -218,17 +223,23 @@ class PixelFlowModel(nnx.Module):
 
     def __call__(self, x: jax.Array, timestep: jax.Array, class_labels: jax.Array | None = None,
                  context: jax.Array | None = None,
-                 context_mask: jax.Array | None = None) -> jax.Array:
+                 context_mask: jax.Array | None = None,
+                 context_lengths: jax.Array | None = None) -> jax.Array:
         """Velocity for ``x`` [B, H, W, C] (NHWC, square) at model timesteps [B].
 
         Class-conditional models take ``class_labels`` [B] (int; ``num_classes`` is
         the null label); text models take ``context`` [B, L, cross_attention_dim]
-        and optionally ``context_mask`` [B, L] (1 = attend). Returns float32
-        [B, H, W, out_channels].
+        and optionally its mask: ``context_mask`` [B, L] (1 = attend; the official
+        bias ``(1 - m) * -10000``), or, for a prefix mask (T5's), ``context_lengths``
+        int [B] >= 1 (the first n tokens attend), which keeps cuDNN's fused kernel
+        available on GPU and gives the same logits elsewhere (DESIGN §7). Returns
+        float32 [B, H, W, out_channels].
         """
         p = self.params
         B, H, W, C = x.shape
         self._check_inputs(x, class_labels, context, context_mask)
+        if context_lengths is not None and (context is None or context_mask is not None):
+            raise ValueError("context_lengths needs context and replaces context_mask")
         grid = H // p.patch_size
         precision = "highest" if self.dtype == F32 else None
         with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
@@ -244,7 +255,7 @@ class PixelFlowModel(nnx.Module):
             if context is not None and context_mask is not None:
                 mask = context_mask.astype(F32)
                 bias = ((1.0 - mask) * -10000.0)[:, None, None, :]
-            h = self._run_blocks(h, silu_cond, rope, context, bias)
+            h = self._run_blocks(h, silu_cond, rope, context, bias, context_lengths)
 
             shift, scale = jnp.split(self.proj_out_1(silu_cond)[:, None, :], 2, axis=-1)
             h = layer_norm(h) * (1 + scale) + shift
@@ -253,12 +264,12 @@ class PixelFlowModel(nnx.Module):
         out = out.reshape(B, grid, grid, q, q, c_out).transpose(0, 1, 3, 2, 4, 5)
         return out.reshape(B, H, W, c_out)
 
-    def _run_blocks(self, h, silu_cond, rope, context, bias):
+    def _run_blocks(self, h, silu_cond, rope, context, bias, context_lengths=None):
         graphdef, state = nnx.split(self.transformer_blocks)
 
         def body(h, block_state):
             block = nnx.merge(graphdef, block_state)
-            return block(h, silu_cond, rope, context, bias), None
+            return block(h, silu_cond, rope, context, bias, context_lengths), None
 
         if self.remat:
             body = jax.checkpoint(body)

@@ -44,13 +44,41 @@ def guided_velocity(sd, params):
     return velocity
 
 
+def text_guided_velocity(sd, params, context, context_mask, null_context, null_context_mask):
+    """The official text-guided velocity ``u + g (c - u)`` (DESIGN §7), for
+    :func:`dopri5_cascade_of` with ``labels`` = row numbers into ``context``.
+
+    The official text pipeline conditions its Euler steps so: the negative prompt's
+    features and mask (one row, repeated) first, the prompts' after, the mask as the
+    bias (1 - m) * -10000, the same g at every stage (``guidance_weights`` all 1), and no
+    unconditional pass where g == 1. (It refuses Dopri5 for text; this extends the class
+    oracle with that conditioning.)
+    """
+    def velocity(x, T, g_s, rows):
+        B = x.shape[0]
+        ctx, mask = context[rows], context_mask[rows]
+        Ts = T * torch.ones(B, dtype=x.dtype)
+        if g_s == 1.0:
+            return ref.forward(sd, params, x, Ts, context=ctx, context_mask=mask)
+        null = null_context.expand(B, *null_context.shape[1:])
+        null_mask = null_context_mask.expand(B, *null_context_mask.shape[1:])
+        out = ref.forward(sd, params, torch.cat([x, x]), torch.cat([Ts, Ts]),
+                          context=torch.cat([null, ctx]),
+                          context_mask=torch.cat([null_mask, mask]))
+        u, c = out[:B], out[B:]
+        return u + g_s * (c - u)
+    return velocity
+
+
 def dopri5_cascade_of(velocity, init, blocks, *, guidance, labels, rtol=1e-3, atol=1e-6,
-                      num_stages=4, per_image=False):
+                      num_stages=4, per_image=False, guidance_weights=None):
     """The cascade of ``velocity(x, T, g_s, labels) -> v`` (x the B result rows).
 
     ``blocks``: per stage s >= 1 the block noise of every row: 2B rows (the official
-    duplicated state), or B with ``per_image``. Returns (x [B, ...], times) where
-    ``times[s]`` lists the model timestep T of every velocity evaluation of stage s, in order.
+    duplicated state), or B with ``per_image``. ``guidance_weights``: per-stage w in
+    g_s = (g - 1) w + 1, default the class table (text models: all 1). Returns
+    (x [B, ...], times) where ``times[s]`` lists the model timestep T of every velocity
+    evaluation of stage s, in order.
     """
     B = init.shape[0]
     x = init if per_image else torch.cat([init, init])
@@ -59,7 +87,8 @@ def dopri5_cascade_of(velocity, init, blocks, *, guidance, labels, rtol=1e-3, at
         if s > 0:
             x = F.interpolate(x, scale_factor=2, mode="nearest")
             x = stage["alpha"] * x + stage["beta"] * blocks[s - 1]
-        g_s = (guidance - 1.0) * stage["weight"] + 1.0
+        weight = stage["weight"] if guidance_weights is None else guidance_weights[s]
+        g_s = (guidance - 1.0) * weight + 1.0
         times.append([])
 
         def solve(y0, rows, stage=stage, g_s=g_s, log=times[-1]):
