@@ -36,6 +36,19 @@ class SolveStats(NamedTuple):
     finished: jax.Array
 
 
+class StageTrace(NamedTuple):
+    """What every stage of a cascade solve ended with (``run_cascade(..., trace=True)``).
+
+    ``ends[s]`` [B, R_s, R_s, C]: x at the end of stage s, before the next stage's
+    renoise (the last is the final x); ``aux[s]``: the per-image extras stage s's
+    solver returned (a pytree with leading axis B, ``()`` for solvers that return
+    none). Teacher pairs and the straightness measure read them (DESIGN §11).
+    """
+
+    ends: tuple
+    aux: tuple
+
+
 class StageSolver(Protocol):
     """Integrates one stage of the cascade.
 
@@ -57,7 +70,8 @@ class StageSolver(Protocol):
         """Integrate stage ``stage`` from its start to its end.
 
         ``y``: the state pytree (leaves [B, ...]); ``velocity(y, T, cond)`` its
-        derivative. Returns (y at the end, steps [B] int, finished [B] bool).
+        derivative. Returns (y at the end, steps [B] int, finished [B] bool), and
+        optionally a fourth item, per-image extras that :class:`StageTrace` carries.
         """
         ...
 
@@ -85,8 +99,9 @@ def renoise(x: jax.Array, alpha: float, beta: float, eps: jax.Array) -> jax.Arra
 def run_cascade(solver: StageSolver, velocity_for_stage: Callable[[int], Velocity],
                 init: jax.Array, blocks: Sequence[Sequence[jax.Array]], cond: Any,
                 inputs: dict[str, Any], *, alphas: Sequence[float],
-                betas: Sequence[float]) -> tuple[jax.Array, SolveStats]:
-    """Every stage of the cascade; returns (x at the end, :class:`SolveStats`).
+                betas: Sequence[float], trace: bool = False) -> tuple:
+    """Every stage of the cascade; returns (x at the end, :class:`SolveStats`), and with
+    ``trace`` a third item, the :class:`StageTrace` (every stage's end x and solver extras).
 
     Args:
       solver: the :class:`StageSolver` of every stage.
@@ -97,6 +112,7 @@ def run_cascade(solver: StageSolver, velocity_for_stage: Callable[[int], Velocit
       cond: per-row inputs passed to the velocity.
       inputs: the solver's traced tables (see :meth:`StageSolver.inputs`).
       alphas, betas: renoise coefficients per stage (static; index 0 unused).
+      trace: also return the :class:`StageTrace`; x and the statistics are unchanged.
     """
     if len(blocks) != solver.copies:
         raise ValueError(f"the solver carries {solver.copies} row blocks, got block noise "
@@ -104,6 +120,7 @@ def run_cascade(solver: StageSolver, velocity_for_stage: Callable[[int], Velocit
     y = (init,) * solver.copies
     B = init.shape[0]
     evaluations, steps_all, finished = [], [], jnp.ones((B,), bool)
+    ends, aux = [], []
     for s in range(len(alphas)):
         if s > 0:
             y = tuple(renoise(row, alphas[s], betas[s], eps[s - 1]) for row, eps in zip(y, blocks))
@@ -113,9 +130,15 @@ def run_cascade(solver: StageSolver, velocity_for_stage: Callable[[int], Velocit
             v = velocity(y[0], T, cond)
             return (v,) * len(y)  # the copies move with x's velocity
 
-        y, steps, ok = solver.solve_stage(state_velocity, y, cond, s, inputs)
+        out = solver.solve_stage(state_velocity, y, cond, s, inputs)
+        y, steps, ok = out[:3]
+        ends.append(y[0])
+        aux.append(out[3] if len(out) > 3 else ())
         steps_all.append(steps)
         evaluations.append(solver.evaluations(steps))
         finished = finished & ok
-    return y[0], SolveStats(jnp.stack(evaluations), jnp.stack(steps_all), finished)
+    stats = SolveStats(jnp.stack(evaluations), jnp.stack(steps_all), finished)
+    if trace:
+        return y[0], stats, StageTrace(tuple(ends), tuple(aux))
+    return y[0], stats
 

@@ -22,7 +22,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from pixelflow_jax import defaults, distributed
-from pixelflow_jax.cascade import SolveStats, StageSolver, run_cascade
+from pixelflow_jax.attention import prefix_lengths
+from pixelflow_jax.cascade import SolveStats, StageSolver, StageTrace, run_cascade
 from pixelflow_jax.errors import UserError
 from pixelflow_jax.model import PixelFlowModel
 from pixelflow_jax.noise import CascadeNoise, draw_cascade_noise, draw_duplicate_blocks
@@ -69,10 +70,12 @@ def to_images(x: jax.Array) -> jax.Array:
 
 
 class Samples(NamedTuple):
-    """Final x [B, R, R, C] (model space) and the solver's :class:`SolveStats`."""
+    """Final x [B, R, R, C] (model space) and the solver's :class:`SolveStats`; with
+    ``Sampler(trace=True)`` also every stage's end x (:class:`StageTrace`, DESIGN §11)."""
 
     x: jax.Array
     stats: SolveStats
+    trace: StageTrace | None = None
 
 
 def stage_solver(name: str, *, dopri5: Dopri5Config | None = None, max_steps: int | None = None,
@@ -107,6 +110,8 @@ class Sampler:
       report_progress: (Euler) call :func:`pixelflow_jax.progress.report` after
         each step. JAX never stores programs with host callbacks in its
         persistent compilation cache, so such a sampler compiles in every process.
+      trace: also return every stage's end x and solver extras (``Samples.trace``,
+        :class:`~pixelflow_jax.cascade.StageTrace`; teacher pairs, DESIGN §11).
 
     Programs are compiled ahead of time, once per input signature (batch size,
     table width, conditioning shapes); ``compile_seconds`` records each, and
@@ -117,7 +122,7 @@ class Sampler:
                  solver: str | StageSolver = "euler", dopri5: Dopri5Config | None = None,
                  mesh: jax.sharding.Mesh | None = None, max_steps: int | None = None,
                  guidance_weights: Sequence[float] | None = None,
-                 report_progress: bool = False):
+                 report_progress: bool = False, trace: bool = False):
         dopri5 = dopri5 or Dopri5Config()
         dopri5.validate()
         if isinstance(solver, str):
@@ -139,6 +144,7 @@ class Sampler:
                              f"got {len(guidance_weights)}")
         self.guidance_weights = tuple(float(w) for w in guidance_weights)
         self.report_progress = bool(getattr(self.stage_solver, "report_progress", False))
+        self.trace = trace
         self.mesh = mesh or distributed.data_mesh()
         self.graphdef, state = nnx.split(model)
         self.state = distributed.replicate(nnx.to_pure_dict(state), self.mesh)
@@ -164,6 +170,7 @@ class Sampler:
         betas = tuple(st.beta for st in schedule.stages)
         weights, resolutions = self.guidance_weights, self.resolutions
         channels, gamma = self.params.in_channels, schedule.gamma
+        trace = self.trace
 
         def program(state, per_image, shared):
             model = nnx.merge(graphdef, state)
@@ -187,11 +194,15 @@ class Sampler:
 
             cond = {"cond": per_image["cond"], "uncond": per_image["uncond"]}
             return run_cascade(solver, velocity_for_stage, noise.init.astype(jnp.float32),
-                               blocks, cond, shared["tables"], alphas=alphas, betas=betas)
+                               blocks, cond, shared["tables"], alphas=alphas, betas=betas,
+                               trace=trace)
 
         mesh = self.mesh
         batch, stage_batch = P(distributed.AXIS), P(None, distributed.AXIS)
         out_specs = (batch, SolveStats(stage_batch, stage_batch, batch))
+        if trace:
+            S = len(resolutions)
+            out_specs += (StageTrace((batch,) * S, (batch,) * S),)
         if solver.adaptive:  # each device integrates its own shard
             program = jax.shard_map(program, mesh=mesh, in_specs=(P(), batch, P()),
                                     out_specs=out_specs, check_vma=False)
@@ -261,7 +272,13 @@ class Sampler:
     def conditioning(self, labels: Any = None, context: Any = None, context_mask: Any = None,
                      null_context: Any = None,
                      null_context_mask: Any = None) -> tuple[dict, dict]:
-        """(cond, uncond) model inputs (host NumPy) for class labels or text features."""
+        """(cond, uncond) model inputs (host NumPy) for class labels or text features.
+
+        Text masks that are prefix masks (T5's: tokens and ``</s>``, then padding), in
+        both the prompt and the negative prompt, reach the model as ``context_lengths``
+        (cuDNN's fused kernel on GPU, the official bias's logits elsewhere; DESIGN §7);
+        any other mask as ``context_mask``, the official dense bias.
+        """
         p = self.params
         if not self.text:
             if labels is None:
@@ -287,6 +304,12 @@ class Sampler:
             else np.asarray(null_context_mask, np.float32)
         null_context = np.broadcast_to(null_context, (B,) + null_context.shape[1:])
         null_mask = np.broadcast_to(null_mask, (B,) + null_mask.shape[1:])
+        # T5 masks are prefix masks: as lengths they keep cuDNN's fused kernel available
+        # (the XLA paths rebuild the same bias); any other mask stays a dense bias.
+        lengths, null_lengths = prefix_lengths(mask), prefix_lengths(null_mask)
+        if lengths is not None and null_lengths is not None:
+            return ({"context": context, "context_lengths": lengths},
+                    {"context": null_context, "context_lengths": null_lengths})
         return ({"context": context, "context_mask": mask},
                 {"context": null_context, "context_mask": null_mask})
 
@@ -312,7 +335,7 @@ class Sampler:
             if context_length is None:
                 raise UserError("this text model needs context_length")
             cond = uncond = {"context": spec(context_length, p.cross_attention_dim),
-                             "context_mask": spec(context_length)}
+                             "context_lengths": spec(dtype=np.int32)}
         else:
             cond = uncond = {"class_labels": spec(dtype=np.int32)}
         per_image = {"cond": cond, "uncond": uncond}
