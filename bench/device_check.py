@@ -13,10 +13,16 @@ cannot take the others down; whatever was measured is appended, failures named):
           samples/s and MFU
   dopri5  XL FID recipe (guidance 2.4, rtol 1e-3, atol 1e-6, batch error control over the
           duplicated 2B-row state): s/image and velocity evaluations per image
+  t5      flan-t5-xl-sized T5 encoder (bench/bench_t5.py): s/prompt in float32 and bfloat16,
+          at the official 512-token padding and at the bucketed length
+  t2i     XL text-to-image at 1024 px (bench/bench_t2i.py --time), 10 steps/stage,
+          guidance 4 (2 rows), bf16: s/image, peak memory, and how many attention calls
+          reach cuDNN's fused kernel (the masked cross-attention needs kv lengths for it)
 Weights are random normal-scale (pixelflow_jax.random_weights): nothing is downloaded, and
 an adaptive solver may take more steps than with trained weights. The parts share one
 --budget (later parts get what is left); `--parts dopri5 --budget 200` reruns one, and the
-compilation cache (bench/results/xla_cache) turns a rerun's compiles into loads.
+compilation cache (bench/results/xla_cache) turns a rerun's compiles into loads. The text
+parts come last: if the budget runs out first, `--parts t5 t2i --budget 300` runs them.
 """
 
 from __future__ import annotations
@@ -41,8 +47,14 @@ CARD_24GB_MIB = 21.5 * 1024
 
 
 # What each run measures: the figures' labels name it whether or not the part ran.
-SIZES = {False: dict(model="XL", steps=10, euler=16, memory=4, dopri5=16),
-         True: dict(model="tiny", steps=1, euler=2, memory=2, dopri5=2)}
+SIZES = {False: dict(model="XL", steps=10, euler=16, memory=4, dopri5=16, t2i_px=1024),
+         True: dict(model="tiny", steps=1, euler=2, memory=2, dopri5=2, t2i_px=32)}
+PARTS = ["euler", "memory", "train", "dopri5", "t5", "t2i"]
+# Tiny text model and encoder for the smoke run (the XL runs use the benches' defaults).
+TINY_T2I = ["--set", "model.params.depth=1", "model.params.num_attention_heads=2",
+            "model.params.attention_head_dim=8", "model.params.cross_attention_dim=32"]
+TINY_T5 = ["--layers", "1", "--d-model", "32", "--d-kv", "8", "--heads", "2", "--d-ff", "64",
+           "--vocab", "64"]
 
 
 def plans(smoke: bool) -> dict:
@@ -54,6 +66,11 @@ def plans(smoke: bool) -> dict:
     # weights the adaptive solver may take several times the trained model's evaluations.
     dopri5 = sample + ["--cfg", "2.4", "--batch", str(size["dopri5"]), "--repeats", "1",
                        "--warmups", "0", "--no-torch"]
+    t5 = ["bench/bench_t5.py", "--dtypes", "float32", "bfloat16"]
+    # One timed image, no warm-up (compiled ahead): at 1024 px it is ~1.4e16 FLOP.
+    t2i = ["bench/bench_t2i.py", "--time", "--resolutions", str(size["t2i_px"]), "--batches",
+           "1", "--dtypes", "bfloat16", "--steps", str(size["steps"]), "--cfg", "4",
+           "--repeats", "1", "--warmups", "0"]
     if smoke:
         return {
             "euler": (euler + ["--batch", str(size["euler"]), "--repeats", "1",
@@ -67,6 +84,8 @@ def plans(smoke: bool) -> dict:
             # 3 stages, 16 px: the quickest Dopri5 compile (no PyTorch row, whose oracle
             # knows the official 4-stage guidance weights only).
             "dopri5": (dopri5 + ["--runs", "tiny_train:dopri5"], 60),
+            "t5": (t5 + TINY_T5 + ["--repeats", "1"], 40),
+            "t2i": (t2i + TINY_T2I, 60),
         }
     return {
         "euler": (euler + ["--batch", str(size["euler"]), "--repeats", "2",
@@ -76,6 +95,8 @@ def plans(smoke: bool) -> dict:
                    "--batch-per-device", "64", "32", "16", "8", "--remat-fallback", "--steps",
                    "3", "--set", "train.dtype=bfloat16"], 180),
         "dopri5": (dopri5 + ["--runs", "xl:dopri5"], 150),
+        "t5": (t5 + ["--repeats", "3"], 90),
+        "t2i": (t2i, 200),
     }
 
 
@@ -83,7 +104,7 @@ def run_part(name: str, argv: list[str], limit: float, cache: str, tmp: str) -> 
     """Run one bench with a hard time limit; returns (its JSON rows or None, error or None)."""
     out, err = os.path.join(tmp, f"{name}.json"), os.path.join(tmp, f"{name}.err")
     argv = [*argv, "--json", out, "--cache", cache]
-    if argv[0].endswith("bench_sample.py"):
+    if argv[0].endswith(("bench_sample.py", "bench_t5.py")):
         # The bench stops its own workers first, so the rows measured so far get written.
         workers = 1 if "--no-torch" in argv else 2
         argv += ["--worker-timeout", str(max(1.0, (limit - 5) / workers))]
@@ -109,7 +130,7 @@ def run_part(name: str, argv: list[str], limit: float, cache: str, tmp: str) -> 
         print("\n".join(lines[-15:]), file=sys.stderr)
     failed = [r for r in rows or [] if "error" in r]
     if failed:  # the worker's own message says more than the bench's exit status
-        why = "; ".join(f"{r['impl']}: {r['error'][:200]}" for r in failed)
+        why = "; ".join(f"{r.get('impl', r.get('dtype'))}: {r['error'][:200]}" for r in failed)
     return rows, why
 
 
@@ -166,6 +187,52 @@ def figures(results: dict, smoke: bool) -> list[tuple[str, str, str, str]]:
          else fmt(train.get("mfu") and 100 * train["mfu"], ".1f"), ">= 45",
          f"{fmt(train.get('tflops'))} TFLOP/s achieved (pixelflow_jax.trainer.flops_per_step)"),
     ]
+    return rows + text_figures(results, smoke)
+
+
+def text_figures(results: dict, smoke: bool) -> list[tuple[str, str, str, str]]:
+    """The text path's rows: T5 encoder s/prompt, XL text-to-image s/image."""
+    size = SIZES[smoke]
+    model = size["model"]
+    t5 = [r for r in results.get("t5", (None, None))[0] or [] if "error" not in r]
+
+    def encode(dtype: str, bucketed: bool) -> dict:
+        return next((r for r in t5 if r["dtype"] == dtype and r["bucketed"] == bucketed), {})
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        full, cut = encode(dtype, False), encode(dtype, True)
+        rows += [
+            (f"T5 encoder ({'flan-t5-xl' if not smoke else 'tiny'} sizes), {dtype}, "
+             "512 tokens (official padding): s/prompt", fmt(full.get("s_per_prompt"), ".4g"),
+             "", f"compile {fmt(full.get('compile_s'), '.1f')} s; peak "
+             f"{fmt(full.get('peak_mb'), '.0f')} MiB; {full.get('where', '')}"),
+            (f"T5 {dtype}, bucketed: s/prompt", fmt(cut.get("s_per_prompt"), ".4g"), "",
+             f"{cut.get('length', '?')} tokens; 512 / bucketed = "
+             f"{fmt(cut.get('speedup'), '.2f')}; features differ by "
+             f"{fmt(cut.get('bucket_rel_diff'), '.1e')} of their largest"),
+        ]
+    f32, bf16 = encode("float32", True), encode("bfloat16", True)
+    rows.append(("T5 bucketed: float32 s / bfloat16 s",
+                 fmt(f32["s_per_prompt"] / bf16["s_per_prompt"] if f32 and bf16 else None,
+                     ".2f"), "",
+                 "the two dtypes run in separate processes of the same part"))
+    t2i = next((r for r in results.get("t2i", (None, None))[0] or [] if "error" not in r), {})
+    peak = t2i.get("peak_mb")
+    rows += [
+        (f"Text-to-image {model}, {size['t2i_px']} px, {size['steps']} steps/stage, g 4, "
+         "batch 1, bf16: s/image", fmt(t2i.get("s_per_image"), ".4g"), "",
+         f"compile {fmt(t2i.get('compile_s'), '.1f')} s; {fmt(t2i.get('tflops'))} TFLOP/s "
+         f"achieved; finite: {t2i.get('finite', 'n/a')}; {t2i.get('where', '')}"),
+        ("Text-to-image: peak memory MiB", fmt(peak, ".0f"), "fits 24 GB",
+         "fits a 24 GB card: " + ("n/a" if peak is None else
+                                  "yes" if peak <= CARD_24GB_MIB else "no")
+         + "; transformer only (features given), float32 parameters"),
+        ("Text-to-image: attention calls on cuDNN's fused kernel", fmt(t2i.get("cudnn_calls"),
+                                                                       "d"),
+         "all",
+         f"of {t2i.get('attention_calls', '?')} in the program (self- and cross-attention of "
+         "each model instance); half: the masked cross-attention is not fused; 0 off GPU"),
+    ]
     return rows
 
 
@@ -192,8 +259,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny configs on CPU (for CI)")
     ap.add_argument("--out", default="BENCHMARKS.md", help="markdown file to append to")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for all parts together (default 450; smoke 170)")
-    ap.add_argument("--parts", nargs="*", default=["euler", "memory", "train", "dopri5"])
+                    help="seconds for all parts together (default 450; smoke 260)")
+    ap.add_argument("--parts", nargs="*", default=PARTS, choices=PARTS,
+                    help="which parts to run, in this order (default: all)")
     ap.add_argument("--cache", default="bench/results/xla_cache",
                     help="JAX persistent compilation cache (inside the repository, git-ignored)")
     args = ap.parse_args()
@@ -201,7 +269,7 @@ def main() -> None:
         # The smoke run must not touch an accelerator that happens to be there.
         os.environ["JAX_PLATFORMS"] = "cpu"
     start = time.monotonic()
-    budget = args.budget or (170 if args.smoke else 450)
+    budget = args.budget or (260 if args.smoke else 450)
     cache = os.path.join(ROOT, args.cache)
     os.makedirs(cache, exist_ok=True)
     cached = len(os.listdir(cache))

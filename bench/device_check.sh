@@ -4,6 +4,7 @@
 #   bash bench/device_check.sh                          # XL on one H100/H200, under 8 minutes
 #   bash bench/device_check.sh --smoke --out FILE       # tiny configs on CPU (CI)
 #   bash bench/device_check.sh --budget 300 --parts euler train
+#   bash bench/device_check.sh --budget 300 --parts t5 t2i     # the text path alone
 #
 # Run from anywhere; works in the repository root. PYTHON picks the interpreter (default
 # python3, the one with jax and torch on the device machine). The parts, their timeouts and
