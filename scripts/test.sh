@@ -33,5 +33,12 @@ fi
 
 # requirements-test.txt pins the CPU build of PyTorch (torch==2.13.0).
 python -m pip install --quiet -r requirements-test.txt
+# Its "#no-deps PACKAGE==VERSION" lines install without dependencies (torch-fidelity without
+# torchvision; see the file).
+nodeps=$(sed -n 's/^#no-deps[[:space:]][[:space:]]*//p' requirements-test.txt)
+if [ -n "$nodeps" ]; then
+  # shellcheck disable=SC2086  # one word per pin
+  python -m pip install --quiet --no-deps $nodeps
+fi
 
 exec python -m pytest -q "$@"

@@ -99,6 +99,19 @@ STUBS = {
 }
 
 
+# torch-fidelity without its dependencies (torchvision stays out): requirements-test.txt's
+# "#no-deps" line, installed in a second pip call.
+NO_DEPS = "python <-m> <pip> <install> <--quiet> <--no-deps> <torch-fidelity==0.4.0>"
+
+
+def test_requirements_pin_torch_fidelity_without_torchvision():
+    with open(os.path.join(ROOT, "requirements-test.txt")) as f:
+        lines = [line.strip() for line in f]
+    assert "#no-deps torch-fidelity==0.4.0" in lines
+    assert not any(line.startswith(("torchvision", "torch-fidelity", "torch_fidelity"))
+                   for line in lines)
+
+
 def _run_script(tmp_path, *, uid, chromium, venv, ensurepip, args=()):
     """Run a copy of scripts/test.sh in a bare clone-like folder, with every outside command
     (apt-get, sudo, id, python3, python) replaced by a stub that logs its arguments."""
@@ -146,6 +159,7 @@ def test_script_on_a_fresh_machine(tmp_path):
         "<python3-venv>",
         "python3 <-m> <venv> <.venv>",
         "python <-m> <pip> <install> <--quiet> <-r> <requirements-test.txt>",
+        NO_DEPS,
         "python <-m> <pytest> <-q> <tests/test_x.py> <-k> <a and b>",
     ]
     assert (clone / ".venv" / "bin" / "activate").is_file()  # inside the clone
@@ -157,7 +171,7 @@ def test_script_on_a_ready_machine(tmp_path):
                                  ensurepip=False)
     assert rc == 3
     assert log == ["python <-m> <pip> <install> <--quiet> <-r> <requirements-test.txt>",
-                   "python <-m> <pytest> <-q>"]
+                   NO_DEPS, "python <-m> <pytest> <-q>"]
     assert not (clone / ".venv").exists()
 
 
@@ -174,5 +188,6 @@ def test_script_as_root_without_chromium(tmp_path):
         "apt-get <update> <-qq>",
         "apt-get <install> <-y> <-qq> <--no-install-recommends> <chromium> <fonts-dejavu-core>",
         "python <-m> <pip> <install> <--quiet> <-r> <requirements-test.txt>",
+        NO_DEPS,
         "python <-m> <pytest> <-q>",
     ]
