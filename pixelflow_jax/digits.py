@@ -8,6 +8,7 @@ resolution, so ``train.py`` reads them through the same path as any user's
 dataset::
 
     python -m pixelflow_jax.digits prepare data/digits
+    python -m pixelflow_jax.digits reference digits_ref.npz   # evaluate.py's REF
 
 Quality is measured by something the generator never saw: an MLP classifier
 (:func:`fit_classifier`) fitted on the 8x8 training digits labels generated
@@ -223,13 +224,50 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--resolution", type=cli.positive_int, default=32,
                       help="image side in pixels, a multiple of 8 (default %(default)s)")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    ref = sub.add_parser("reference", help="write the held-out digits as an ADM reference batch",
+                         description="Write the held-out digits as OUT.npz (arr_0, uint8 "
+                                     "[N, R, R, 3]), a reference batch for evaluate.py and "
+                                     "sample.py --evaluate: a demo of the scoring pipeline on "
+                                     "the embedded model, not an ImageNet number.")
+    ref.add_argument("out", help="the .npz file to write (missing parent folders are created)")
+    ref.add_argument("--resolution", type=cli.positive_int, default=32,
+                     help="image side in pixels, a multiple of 8 (default %(default)s, the "
+                          "embedded model's)")
     return parser
+
+
+def reference_batch(resolution: int = 32, *, split: DigitSplit | None = None) -> np.ndarray:
+    """The held-out digits as uint8 images ``[N, R, R, 3]`` (:func:`digit_to_image`), in
+    dataset order: the reference batch of ``python -m pixelflow_jax.digits reference``."""
+    split = split or split_digits()
+    return np.stack([digit_to_image(d, resolution) for d in split.heldout_x])
+
+
+def write_reference(out: str, resolution: int = 32) -> int:
+    """Write :func:`reference_batch` to ``out`` (``arr_0``, atomically); returns N."""
+    images = reference_batch(resolution)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=images)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return len(images)
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.resolution % 8:
         raise UserError(f"--resolution must be a positive multiple of 8, got "
                         f"{args.resolution}")
+    if args.command == "reference":
+        cli.check_output(args.out, "OUT", "file")
+        cli.make_parents(args.out)
+        with cli.writing(args.out):
+            n = write_reference(args.out, args.resolution)
+        print(f"wrote {args.out}: {n} held-out digits at {args.resolution} px (arr_0)")
+        return 0
     cli.check_output(args.out, "OUT", "replace", overwrite=args.overwrite)
     cli.make_parents(args.out)
     with cli.writing(args.out):
