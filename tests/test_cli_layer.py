@@ -1,4 +1,4 @@
-"""The shared command-line layer: all six entry points fail alike, explain every flag, and
+"""The shared command-line layer: all eight entry points fail alike, explain every flag, and
 return the documented exit codes."""
 
 import argparse
@@ -12,10 +12,11 @@ import pytest
 
 import app
 import convert_torch
+import evaluate
 import sample
 import train
 from conftest import ROOT
-from pixelflow_jax import cli, digits, init_checkpoint
+from pixelflow_jax import cli, digits, init_checkpoint, reflow
 from pixelflow_jax.errors import CheckpointError, ConfigError, UserError
 
 TINY_TRAIN = os.path.join(ROOT, "configs", "pixelflow_tiny_train.yaml")
@@ -34,6 +35,10 @@ TOOLS = [
      "--seed must be an integer in [0, 2^32)"),
     ("python -m pixelflow_jax.digits", digits, ["-m", "pixelflow_jax.digits"],
      ["prepare", "o"], ["--resolution", "-8"], "--resolution must be an integer >= 1"),
+    ("evaluate.py", evaluate, ["evaluate.py"], ["s.npz", "r.npz", "--inception", "w.pth"],
+     ["--batch", "0"], "--batch must be an integer >= 1"),
+    ("python -m pixelflow_jax.reflow", reflow, ["-m", "pixelflow_jax.reflow"],
+     ["pairs", "--out", "o", "--num", "5"], ["--num", "0"], "--num must be an integer >= 1"),
 ]
 IDS = [t[0] for t in TOOLS]
 
