@@ -3,6 +3,8 @@
 
 Examples:
   python sample.py                      (the embedded digits model: one row per digit)
+  python sample.py --ckpt digits-1step  (its one-step student: its config.yaml's sample:
+                                         section sets 1 step per stage, guidance 1)
   python sample.py --ckpt CKPT_DIR --classes 207 360 --num-images 4 --out grid.png
   python sample.py --ckpt CKPT_DIR --solver dopri5 --cfg 2.4 --fid-samples 50000 --out fid/
   python sample.py --ckpt T2I_DIR --text-encoder FLAN_T5_DIR --prompt "a cat" --out cat.png
@@ -53,27 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="text-to-image: the T5 encoder's Hugging Face folder (config.json, "
              "tokenizer.json, weights), e.g. google/flan-t5-xl (default: the "
              "checkpoint's text_encoder/ folder)")
+    cli.add_text_dtype(p)
     add("--num-images", type=cli.positive_int, default=4, metavar="N",
         help="images per class or prompt; a grid has one row per class or prompt and at most "
              f"{MAX_GRID_IMAGES} images (default %(default)s)")
     add("--seed", type=cli.seed, default=defaults.SEED,
         help="random seed; image i always gets the same noise from (seed, i) "
              "(default %(default)s)")
-    add("--cfg", type=cli.non_negative_float, default=defaults.GUIDANCE,
+    # --cfg, --solver, --steps, --shift: a checkpoint's config.yaml may set its own defaults
+    # (its sample: section, e.g. a one-step student's steps 1, guidance 1); flags override.
+    add("--cfg", type=cli.non_negative_float, default=None,
         help="classifier-free guidance g; class models: stage s uses (g-1) w_s + 1 with "
              "w = [0, 1/6, 2/3, 1]; text models: g at every stage; 0 or 1 disables guidance "
-             "(default %(default)g; the FID recipe uses 2.4)")
-    add("--solver", choices=defaults.SOLVERS, default=defaults.SOLVERS[0],
+             f"(default: the checkpoint's sample.guidance, else {defaults.GUIDANCE:g}; the FID "
+             "recipe uses 2.4)")
+    add("--solver", choices=defaults.SOLVERS, default=None,
         help="euler: fixed steps (--steps, --shift); euler-diffrax: the same steps through "
              "diffrax; dopri5: adaptive, as the published FID 1.98 (ignores --steps and "
-             "--shift, as the official code) (default %(default)s)")
-    add("--steps", type=cli.positive_int_list, nargs="+", default=[[defaults.STEPS]],
-        metavar="N",
-        help=f"Euler steps per stage: one number, or one per stage, e.g. 10,20,20,30 "
-             f"(default {defaults.STEPS})")
-    add("--shift", type=cli.positive_float, default=defaults.SHIFT,
+             "--shift, as the official code) (default: the checkpoint's sample.solver, else "
+             f"{defaults.SOLVERS[0]})")
+    add("--steps", type=cli.positive_int_list, nargs="+", default=None, metavar="N",
+        help="Euler steps per stage: one number, or one per stage, e.g. 10,20,20,30 "
+             f"(default: the checkpoint's sample.steps, else {defaults.STEPS})")
+    add("--shift", type=cli.positive_float, default=None,
         help="Euler noise shift: t <- t / (shift + (1 - shift) t); > 1 spends more steps at "
-             "high noise (default %(default)g)")
+             f"high noise (default: the checkpoint's sample.shift, else {defaults.SHIFT:g})")
     add("--rtol", type=cli.positive_float, default=defaults.RTOL,
         help="dopri5 relative tolerance (default %(default)g)")
     add("--atol", type=cli.positive_float, default=defaults.ATOL,
@@ -99,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw N class-balanced images into the --out folder (image i has class "
              "i mod num_classes) and then OUT.npz for the ADM evaluation suite; rerunning "
              "the same command resumes an interrupted run")
+    add("--evaluate", default=None, metavar="REF.npz",
+        help="with --fid-samples: when the run is complete, score OUT.npz against this ADM "
+             "reference batch (FID, sFID, Inception Score, precision, recall; as "
+             "evaluate.py OUT.npz REF.npz); the reference is checked before sampling")
+    add("--inception", default=None, metavar="WEIGHTS",
+        help="with --evaluate: the FID Inception weights (classify_image_graph_def.pb, "
+             "pt_inception-2015-12-05-6726825d.pth or "
+             "weights-inception-2015-12-05-6726825d.pth)")
     add("--batch-size", type=cli.positive_int, default=16, metavar="B",
         help="images per compiled batch across all devices, rounded up to a multiple of the "
              "device count (default %(default)s)")
@@ -126,7 +140,8 @@ def validate_args(args: argparse.Namespace) -> None:
     """Checks that need no checkpoint (the output path included); raise UserError."""
     from pixelflow_jax.errors import UserError
 
-    args.steps = [n for group in args.steps for n in group]
+    if args.steps is not None:
+        args.steps = [n for group in args.steps for n in group]
     if args.classes is not None:
         args.classes = [c for group in args.classes for c in group]
     args.prompts = None
@@ -150,6 +165,13 @@ def validate_args(args: argparse.Namespace) -> None:
     cli.check_output(args.out, "--out", "file" if args.out_kind == "grid" else "folder")
     if args.fid_samples is not None:  # the ADM suite's .npz, beside the folder
         cli.check_output(args.out.rstrip("/" + os.sep) + ".npz", "--out (its .npz)", "file")
+    if args.evaluate is not None or args.inception is not None:
+        if args.evaluate is None:
+            raise UserError("--inception is for --evaluate REF.npz")
+        if args.fid_samples is None:
+            raise UserError("--evaluate scores a --fid-samples run: add --fid-samples N")
+        from pixelflow_jax.evaluate_run import check_reference
+        check_reference(args.evaluate, args.inception, num_samples=args.fid_samples)
     if args.quiet:
         args.progress = "none"
     elif args.progress == "auto":
@@ -161,12 +183,14 @@ def request_from_args(args: argparse.Namespace) -> SampleRequest:
     return SampleRequest(
         out=args.out, out_kind=args.out_kind, ckpt=args.ckpt, classes=args.classes,
         prompts=args.prompts, negative_prompt=args.negative_prompt,
-        text_encoder=args.text_encoder, num_images=args.num_images, seed=args.seed,
+        text_encoder=args.text_encoder, text_dtype=args.text_dtype,
+        num_images=args.num_images, seed=args.seed,
         cfg=args.cfg, solver=args.solver, steps=args.steps, shift=args.shift, rtol=args.rtol,
         atol=args.atol, max_steps=args.max_steps, error_control=args.error_control,
         dtype=args.dtype, fid_samples=args.fid_samples, batch_size=args.batch_size,
         resolution=args.resolution, noise_from=args.noise_from, attention=args.attention,
-        progress=args.progress, quiet=args.quiet, yes=args.yes)
+        progress=args.progress, quiet=args.quiet, yes=args.yes, evaluate=args.evaluate,
+        inception=args.inception)
 
 
 def run(args: argparse.Namespace) -> int:

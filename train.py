@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Train PixelFlow (class-conditional) on an image folder or a TFDS dataset.
+"""Train PixelFlow (class-conditional) on an image folder or a TFDS dataset, or reflow and
+distil one on its own teacher pairs (train.objective: reflow / distill, data.pairs: a folder
+from python -m pixelflow_jax.reflow pairs, train.init_from: the checkpoint to start from).
 
   python train.py CONFIG --out RUN_DIR [--set train.lr=2e-4 data.root=/data/imagenet/train ...]
+  python train.py configs/pixelflow_digits_reflow.yaml --out runs/digits-reflow
 
 Running the same command again resumes from RUN_DIR's latest checkpoint, exactly. On a
 multi-host TPU slice run the same command on every host. The EMA weights are written to

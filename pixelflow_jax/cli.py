@@ -143,8 +143,10 @@ def add_ckpt(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ckpt", metavar="DIR", default=None,
         help="checkpoint folder (config.yaml + params/, optionally class_names.txt) written "
-             "by this project or by convert_torch.py (default: the embedded model, a small "
-             "PixelFlow trained on handwritten digits, pixelflow_jax/weights/digits)")
+             "by this project or by convert_torch.py, or a short name: digits (the embedded "
+             "model, a small PixelFlow trained on handwritten digits, "
+             "pixelflow_jax/weights/digits; the default) or digits-1step (its one-step "
+             "student, pixelflow_jax/weights/digits-1step)")
 
 
 def add_dtype(parser: argparse.ArgumentParser) -> None:
@@ -153,6 +155,21 @@ def add_dtype(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=defaults.DTYPES, default="auto",
         help="compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU (parameters stay "
              "float32) (default %(default)s)")
+
+
+# The T5 encoder's dtypes (float16 is not offered: T5's activations overflow it).
+TEXT_DTYPES = ("float32", "bfloat16")
+
+
+def add_text_dtype(parser: argparse.ArgumentParser) -> None:
+    """``--text-dtype``: the T5 encoder's parameter and compute dtype (DESIGN §7, §9)."""
+    parser.add_argument(
+        "--text-dtype", choices=TEXT_DTYPES, default=None,
+        help="text-to-image: the T5 encoder's parameters and matmuls; float32 = the "
+             "official pipeline's features (parity); bfloat16 halves the encoder's memory "
+             "(flan-t5-xl: 2.4 GB instead of 4.9 GB) and suits GPU/TPU; its features "
+             "move by ~1-2%% (norms and softmax stay float32); float16 is not offered, "
+             "T5's activations overflow it (default: float32)")
 
 
 def add_attention(parser: argparse.ArgumentParser) -> None:

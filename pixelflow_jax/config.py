@@ -27,6 +27,10 @@ import yaml
 from pixelflow_jax.errors import ConfigError
 
 OFFICIAL_TARGET = "pixelflow.model.PixelFlowModel"
+OBJECTIVES = ("flow", "reflow", "distill")
+T_DENSITIES = ("uniform", "u_shaped")
+DISTILL_LOSSES = ("l2", "pseudo_huber")
+SAMPLE_SOLVERS = ("euler", "euler-diffrax", "dopri5")  # defaults.SOLVERS (no import cycle)
 # Keys the official files never write: saved only when they differ from the default,
 # so a config we save stays byte-for-byte in the official layout.
 _OMIT_DEFAULT = {"omit_default": True}
@@ -119,7 +123,9 @@ class TrainConfig:
     schedule: str = _ours("constant")  # or "cosine" (to 0 at the last step, after warm-up)
     grad_clip: float = _ours(1.0)
     ema_decay: float = _ours(0.9999)
-    label_dropout: float = _ours(0.1)
+    # None: 0.1 for the flow objective (official), 0 for reflow / distill (DESIGN §11: the
+    # guidance is baked into the pairs and the student samples unguided).
+    label_dropout: float | None = _ours(None)
     dtype: str = _ours("auto")  # compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
     remat: bool = _ours(False)  # rematerialise each block in the backward pass
     fsdp: int = _ours(1)  # devices per parameter shard (the mesh's fsdp axis)
@@ -127,6 +133,18 @@ class TrainConfig:
     save_every: int = _ours(1000)
     keep: int = _ours(3)  # checkpoints kept
     sample_every: int = _ours(0)  # EMA sample grid every N steps (0: never)
+    # DESIGN §11: flow (§5, the official objective), reflow or distill (both read data.pairs).
+    objective: str = _ours("flow")
+    init_from: str | None = _ours(None)  # a checkpoint folder (or short name) to start from
+    t_density: str = _ours("uniform")  # reflow's t: uniform or u_shaped (arXiv 2405.20320)
+    distill_loss: str = _ours("l2")  # distill: l2 or pseudo_huber (arXiv 2310.14189)
+
+    @property
+    def dropout(self) -> float:
+        """The label-dropout rate in effect (``label_dropout``, or its objective's default)."""
+        if self.label_dropout is not None:
+            return self.label_dropout
+        return 0.1 if self.objective == "flow" else 0.0
 
     def validate(self) -> None:
         for name in ("epochs", "log_every", "save_every", "keep", "fsdp"):
@@ -139,12 +157,17 @@ class TrainConfig:
         if not self.lr > 0 or self.weight_decay < 0 or not self.grad_clip > 0:
             raise ConfigError("train.lr and train.grad_clip must be > 0, "
                               "train.weight_decay >= 0")
-        if not 0 <= self.ema_decay < 1 or not 0 <= self.label_dropout < 1:
+        if not 0 <= self.ema_decay < 1 or not 0 <= self.dropout < 1:
             raise ConfigError("train.ema_decay and train.label_dropout must be in [0, 1)")
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"train.schedule must be constant or cosine, got {self.schedule!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"train.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        for name, allowed in (("objective", OBJECTIVES), ("t_density", T_DENSITIES),
+                              ("distill_loss", DISTILL_LOSSES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"train.{name} must be {' or '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -160,6 +183,7 @@ class DataConfig:
     tfds_data_dir: str | None = _ours(None)
     split: str = _ours("train")
     hflip: bool = _ours(True)  # random horizontal flips (off for digits, text, ...)
+    pairs: str | None = _ours(None)  # reflow / distill: a pair folder (DESIGN §11)
 
     def validate(self) -> None:
         if self.resolution < 1:
@@ -171,6 +195,32 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """``sample`` (ours): sampling defaults a checkpoint carries (DESIGN §11).
+
+    ``sample.py`` uses them where its flag is not given (a one-step student:
+    ``steps: 1, guidance: 1``); unset keys fall back to ``pixelflow_jax.defaults``.
+    """
+
+    steps: int | list[int] | None = None  # Euler steps, one number or one per stage
+    guidance: float | None = None
+    solver: str | None = None
+    shift: float | None = None
+
+    def validate(self) -> None:
+        steps = [self.steps] if isinstance(self.steps, int) else self.steps
+        if steps is not None and (not steps or min(steps) < 1):
+            raise ConfigError(f"sample.steps must be integers >= 1, got {self.steps}")
+        if self.guidance is not None and not self.guidance >= 0:
+            raise ConfigError(f"sample.guidance must be >= 0, got {self.guidance}")
+        if self.solver is not None and self.solver not in SAMPLE_SOLVERS:
+            raise ConfigError(f"sample.solver must be {', '.join(SAMPLE_SOLVERS)}, "
+                              f"got {self.solver!r}")
+        if self.shift is not None and not self.shift > 0:
+            raise ConfigError(f"sample.shift must be > 0, got {self.shift}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PixelFlowConfig:
     """A whole config file. ``model``, ``scheduler`` and ``data`` are required."""
 
@@ -179,12 +229,19 @@ class PixelFlowConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig
     seed: int = 42
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig,
+                                             metadata=_OMIT_DEFAULT)
 
     def validate(self) -> None:
         self.model.validate()
         self.scheduler.validate()
         self.data.validate()
         self.train.validate()
+        self.sample.validate()
+        if self.train.objective != "flow" and not self.data.pairs:
+            raise ConfigError(f"train.objective = {self.train.objective} trains on teacher "
+                              "pairs: set data.pairs to a pair folder (python -m "
+                              "pixelflow_jax.reflow pairs ...)")
 
     @property
     def params(self) -> ModelParams:
@@ -204,7 +261,9 @@ class PixelFlowConfig:
             value = getattr(obj, f.name)
             if value is None:
                 return False
-            return not (f.metadata.get("omit_default") and value == f.default)
+            default = f.default_factory() if f.default is dataclasses.MISSING \
+                and f.default_factory is not dataclasses.MISSING else f.default
+            return not (f.metadata.get("omit_default") and value == default)
 
         def clean(obj: Any) -> Any:
             if dataclasses.is_dataclass(obj):
@@ -229,7 +288,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        for alternative in inner:  # e.g. int | list[int]: the first that fits
+            try:
+                return _coerce(value, alternative, key)
+            except ConfigError:
+                pass
+        names = " or ".join({int: "an integer", float: "a number", str: "a string"}.get(
+            a, "a list" if typing.get_origin(a) is list else _type_name(a)) for a in inner)
+        raise ConfigError(f"key '{key}' must be {names}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"key '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value

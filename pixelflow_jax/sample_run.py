@@ -33,6 +33,8 @@ class SampleRequest:
     ``out_kind`` is "grid" (``out`` is a .png) or "folder"; ``progress`` is already
     resolved to "stages", "batches" or "none"; ``prompts`` is the list of prompts of a
     text-to-image run (None for class models); ``steps`` is the flat list of --steps.
+    ``cfg``, ``solver``, ``steps`` and ``shift`` left None take the checkpoint's
+    ``sample:`` defaults, else :mod:`pixelflow_jax.defaults` (:func:`with_checkpoint_defaults`).
     """
 
     out: str
@@ -42,12 +44,13 @@ class SampleRequest:
     prompts: list[str] | None = None
     negative_prompt: str | None = None
     text_encoder: str | None = None
+    text_dtype: str | None = None  # the T5 encoder's dtype; None = float32 (official)
     num_images: int = 4
     seed: int = defaults.SEED
-    cfg: float = defaults.GUIDANCE
-    solver: str = defaults.SOLVERS[0]
-    steps: list[int] = dataclasses.field(default_factory=lambda: [defaults.STEPS])
-    shift: float = defaults.SHIFT
+    cfg: float | None = None
+    solver: str | None = None
+    steps: list[int] | None = None
+    shift: float | None = None
     rtol: float = defaults.RTOL
     atol: float = defaults.ATOL
     max_steps: int = defaults.MAX_SOLVER_STEPS
@@ -61,6 +64,25 @@ class SampleRequest:
     progress: str = "batches"
     quiet: bool = False
     yes: bool = False
+    evaluate: str | None = None   # with fid_samples: score OUT.npz against this reference
+    inception: str | None = None  # ... with these FID Inception weights
+
+
+def with_checkpoint_defaults(request: SampleRequest, sample_cfg) -> SampleRequest:
+    """``request`` with its unset sampling settings (None) taken from the checkpoint's
+    ``sample:`` section (``sample_cfg``, a :class:`~pixelflow_jax.config.SampleConfig`),
+    else from :mod:`pixelflow_jax.defaults`; explicit settings win (DESIGN §11)."""
+    def pick(given, carried, default):
+        return given if given is not None else carried if carried is not None else default
+
+    carried_steps = sample_cfg.steps
+    if isinstance(carried_steps, int):
+        carried_steps = [carried_steps]
+    return dataclasses.replace(
+        request, cfg=pick(request.cfg, sample_cfg.guidance, defaults.GUIDANCE),
+        solver=pick(request.solver, sample_cfg.solver, defaults.SOLVERS[0]),
+        steps=pick(request.steps, carried_steps, [defaults.STEPS]),
+        shift=pick(request.shift, sample_cfg.shift, defaults.SHIFT))
 
 
 def say(request: SampleRequest, text: str) -> None:
@@ -128,7 +150,8 @@ def plan_output(request: SampleRequest, ckpt: str, p, dtype_name: str, classes: 
     if text:  # the prompts decide the images: a resume with other prompts is refused
         settings.update(prompts_sha256=prompts_digest(r.prompts),
                         num_prompts=len(r.prompts), negative_prompt=negative_prompt,
-                        text_encoder=os.path.abspath(encoder_dir))
+                        text_encoder=os.path.abspath(encoder_dir),
+                        text_dtype=r.text_dtype or "float32")
     if r.fid_samples is not None:
         settings = fid_settings(n, seed=r.seed, guidance=r.cfg, steps=steps,
                                 shift=r.shift, solver=r.solver, resolution=resolution,
@@ -207,6 +230,11 @@ def finish(request: SampleRequest, plan, summary, rows: int) -> int:
             npz = finish_fid(plan)
         say(r, f"drew {summary.drawn} images in {summary.seconds:.1f} s; wrote "
                f"{npz or 'no .npz on this host'}")
+        if r.evaluate is not None:
+            from pixelflow_jax.evaluate_run import score_fid_run
+            from pixelflow_jax.fid import npz_path
+            score_fid_run(npz_path(plan.images.folder), r.evaluate, r.inception,
+                          quiet=r.quiet)
         return 0
     if r.out_kind == "grid":
         parts, n = plan.images.folder, plan.images.num_images
@@ -254,11 +282,10 @@ def run_sampling(request: SampleRequest) -> int:
     runtime.enable_compilation_cache()
     dtype = runtime.compute_dtype(r.dtype)
     dtype_name = np.dtype(dtype).name
-    ckpt = r.ckpt
-    if ckpt is None:
-        from pixelflow_jax.default_model import default_checkpoint
-        ckpt = default_checkpoint()
+    from pixelflow_jax.default_model import resolve_checkpoint
+    ckpt = resolve_checkpoint(r.ckpt)  # None: the default model; short names: embedded ones
     model, cfg = load_checkpoint(ckpt, dtype=dtype, attention_impl=r.attention)
+    r = request = with_checkpoint_defaults(r, cfg.sample)
     p = cfg.params
     text = p.cross_attention_dim is not None
     encoder_dir = negative_prompt = None
@@ -279,7 +306,8 @@ def run_sampling(request: SampleRequest) -> int:
     else:
         given = [f for f, v in (("--prompt / --prompts-file", r.prompts),
                                 ("--negative-prompt", r.negative_prompt),
-                                ("--text-encoder", r.text_encoder)) if v is not None]
+                                ("--text-encoder", r.text_encoder),
+                                ("--text-dtype", r.text_dtype)) if v is not None]
         if given:
             raise UserError(f"{ckpt} is a class-conditional model: it takes --classes, "
                             f"not {given[0]}")
@@ -305,6 +333,9 @@ def run_sampling(request: SampleRequest) -> int:
                         "give --out a folder to write them as separate PNGs")
     resolution = cfg.data.resolution if r.resolution is None else r.resolution
     resolutions = schedule.stage_resolutions(resolution, p.patch_size)
+    if r.evaluate is not None:  # before any sampling: the reference must fit the samples
+        from pixelflow_jax.evaluate_run import check_reference
+        check_reference(r.evaluate, r.inception, resolution=resolution, num_samples=n)
     devices = jax.device_count()  # the Sampler's mesh: every device
     batch = global_batch_size(r.batch_size, devices, n)
     noise = dup = None
@@ -323,7 +354,8 @@ def run_sampling(request: SampleRequest) -> int:
         from pixelflow_jax.prompts import PromptConditioning
         from pixelflow_jax.text_encoder import TextEncoder
         say(r, f"loading the text encoder {encoder_dir}...")
-        condition = PromptConditioning(TextEncoder.from_folder(encoder_dir), r.prompts,
+        encoder = TextEncoder.from_folder(encoder_dir, dtype=r.text_dtype or "float32")
+        condition = PromptConditioning(encoder, r.prompts,
                                        negative_prompt, p.cross_attention_dim)
 
     from pixelflow_jax.sampling import Sampler  # diffrax takes a second: after the checks

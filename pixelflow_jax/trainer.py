@@ -8,6 +8,13 @@ loss of :mod:`pixelflow_jax.objective`, clips the gradient's global norm,
 applies AdamW and updates the EMA. A step with a non-finite loss or gradient
 leaves the state untouched and stops training.
 
+``train.objective`` picks the loss: ``flow`` (DESIGN §5, on images) or ``reflow`` /
+``distill`` (DESIGN §11, on a teacher's pair folder, ``data.pairs``, read by
+:class:`pixelflow_jax.pair_data.PairLoader`); ``train.init_from`` starts the
+parameters and EMA from a checkpoint. A pair run's saved config carries its
+sampling defaults (``sample:``: 2 steps per stage for reflow, 1 for distill,
+guidance 1), which ``sample.py`` uses.
+
 Checkpoints (orbax ``CheckpointManager``, saved asynchronously every
 ``train.save_every`` steps, at the end and on SIGTERM) hold the state and the
 data loader's position. Everything random derives from (seed, step, sample)
@@ -44,7 +51,7 @@ from pixelflow_jax.config import PixelFlowConfig, TrainConfig, load_config, save
 from pixelflow_jax.errors import UserError
 from pixelflow_jax.flops import forward_flops
 from pixelflow_jax.model import abstract_model, init_model
-from pixelflow_jax.objective import loss_fn
+from pixelflow_jax.objective import PerceptualLoss, loss_fn, pair_loss_fn
 from pixelflow_jax.scheduler import CascadeSchedule, schedule_from_config
 
 BATCH_AXES = ("data", "fsdp")
@@ -116,19 +123,32 @@ def peak_flops(device) -> float | None:
 def train_step(state: dict, batch: dict, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, lr: optax.Schedule,
                schedule: CascadeSchedule, train: TrainConfig,
-               seed: int) -> tuple[dict, dict]:
+               seed: int, shift: float = 1.0, starts_fn: Callable | None = None,
+               perceptual_loss: PerceptualLoss | None = None) -> tuple[dict, dict]:
     """One optimizer step on a global batch (pure: :meth:`Trainer.make_train_step` jits it).
 
-    ``state``: ``{step, params, ema, opt_state}``; ``batch``: uint8 ``images`` [B, R, R, C]
-    and int ``labels`` [B]. Returns the new state and ``{loss, grad_norm, lr, ok}``:
-    ``grad_norm`` before clipping, ``lr`` the rate this step applied. When ``ok`` is false (a
-    non-finite loss or gradient) the state comes back unchanged.
+    ``state``: ``{step, params, ema, opt_state}``. ``batch``, for ``train.objective`` flow:
+    uint8 ``images`` [B, R, R, C] and int ``labels`` [B]; for reflow and distill (DESIGN
+    §11): ``labels`` and ``indices`` (pair numbers) [G] and ``ends`` (per stage
+    [G, R_s, R_s, C] float32, G = B / S); ``starts_fn(indices, ends)`` rebuilds the stage
+    starts. ``shift``: the sampling shift that fixes distillation's timesteps;
+    ``perceptual_loss``: distillation's last-stage hook (:data:`objective.PerceptualLoss`).
+    Returns the new state and ``{loss, grad_norm, lr, ok}``: ``grad_norm`` before clipping,
+    ``lr`` the rate this step applied. When ``ok`` is false (a non-finite loss or gradient)
+    the state comes back unchanged.
     """
     key = jax.random.fold_in(jax.random.key(seed), state["step"])
 
     def loss_of(params):
-        return loss_fn(nnx.merge(graphdef, params), batch["images"], batch["labels"], key,
-                       schedule, train.label_dropout)
+        model = nnx.merge(graphdef, params)
+        if train.objective == "flow":
+            return loss_fn(model, batch["images"], batch["labels"], key, schedule,
+                           train.dropout)
+        return pair_loss_fn(model, starts_fn(batch["indices"], batch["ends"]), batch["ends"],
+                            batch["labels"], key,
+                            schedule, objective=train.objective, label_dropout=train.dropout,
+                            t_density=train.t_density, distill_loss=train.distill_loss,
+                            shift=shift, perceptual_loss=perceptual_loss)
 
     loss, grads = jax.value_and_grad(loss_of)(state["params"])
     grad_norm = optax.tree.norm(grads)
@@ -218,10 +238,15 @@ class Trainer:
     """Build with a config and an output folder; :meth:`run` trains (or resumes)."""
 
     def __init__(self, cfg: PixelFlowConfig, out_dir: str, *, stream: TextIO | None = None,
-                 devices: list | None = None):
+                 devices: list | None = None, perceptual_loss: PerceptualLoss | None = None):
+        """``perceptual_loss``: a per-sample loss added on distillation's last stage
+        (:data:`pixelflow_jax.objective.PerceptualLoss`; none is built in)."""
+        cfg = with_sampling_defaults(cfg)
         self.cfg, self.out = cfg, os.path.abspath(out_dir)
         self.stream = stream or sys.stderr
+        self.perceptual_loss = perceptual_loss
         tc = cfg.train
+        self.pairs_mode = tc.objective != "flow"
         p = cfg.params
         if p.num_classes == 0:
             raise UserError("training text-to-image models is not supported yet (no text data "
@@ -239,11 +264,18 @@ class Trainer:
         self.dtype = runtime.compute_dtype(tc.dtype)
         self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
         self.replicated = NamedSharding(self.mesh, P())
+        # Pair objectives: G = B / S pair groups per step, each trained at every stage.
+        self.groups = self.global_batch // S
+        self.teacher_seed = 0  # the pairs' (read when they are opened)
+        self._pairs = None
 
     # ------------------------------------------------------------------ data
 
     def open_loader(self, state: dict | None) -> tuple[Any, Any]:
-        """The data source and this host's loader (from its saved ``state``, or the start)."""
+        """The data source and this host's loader (from its saved ``state``, or the start):
+        images, or for reflow / distill the pair folder and a :class:`PairLoader`."""
+        if self.pairs_mode:
+            return self._open_pairs(state)
         from pixelflow_jax.data import Loader, open_source
 
         d = self.cfg.data
@@ -257,12 +289,68 @@ class Trainer:
                         process_count=jax.process_count(), state=state, hflip=d.hflip)
         return source, loader
 
+    def _open_pairs(self, state: dict | None) -> tuple[Any, Any]:
+        """The pair folder (checked against the model) and this host's :class:`PairLoader`."""
+        from pixelflow_jax.pair_data import PairLoader
+        from pixelflow_jax.pairs import open_pairs
+
+        d, p = self.cfg.data, self.cfg.params
+        if self._pairs is not None:  # a resume reopens the loader only
+            return self._pairs, PairLoader(self._pairs, self.groups, self.host_groups(),
+                                           seed=self.cfg.seed, state=state)
+        pairs = open_pairs(d.pairs)
+        sides = tuple(self.schedule.stage_resolutions(d.resolution, p.patch_size))
+        if tuple(pairs.resolutions) != sides or pairs.channels != p.in_channels:
+            raise UserError(f"the pairs in {d.pairs} have stages of {tuple(pairs.resolutions)} "
+                            f"px and {pairs.channels} channels; this model's cascade is {sides} "
+                            f"px with {p.in_channels} (data.resolution, scheduler.num_stages, "
+                            "model.params)")
+        if not (np.isclose(pairs.gamma, self.schedule.gamma, rtol=1e-12) and np.allclose(
+                pairs.alphas, [st.alpha for st in self.schedule.stages], rtol=1e-12)):
+            raise UserError(f"the pairs in {d.pairs} were drawn with another block-noise gamma "
+                            f"({pairs.gamma}) than this model's scheduler.gamma "
+                            f"({self.schedule.gamma}); the student must renoise as the teacher")
+        labels = np.asarray(pairs.labels)
+        if labels.size and not 0 <= labels.min() <= labels.max() < p.num_classes:
+            raise UserError(f"the pairs in {d.pairs} have labels up to {labels.max()}; the "
+                            f"model's num_classes is {p.num_classes}")
+        self.teacher_seed, self._pairs = pairs.seed, pairs
+        return pairs, PairLoader(pairs, self.groups, self.host_groups(), seed=self.cfg.seed,
+                                 state=state)
+
+    def host_groups(self) -> np.ndarray:
+        """The pair groups (rows of a stage's [G, ...] batch) this host's devices hold."""
+        index_map = self.batch_sharding.addressable_devices_indices_map((self.groups,))
+        rows = sorted({i for sl in index_map.values()
+                       for i in range(*sl[0].indices(self.groups))})
+        return np.asarray(rows, np.int64)
+
+    def stage_starts(self, indices: jax.Array, ends: tuple) -> tuple:
+        """Every stage's start of pairs ``indices`` [G] (traced), rebuilt as the teacher
+        made it: stage 0 its noise, stage s ``alpha_s up(ends[s-1]) + beta_s eps_s``
+        (``pairs.stage_starts_jax``, with the pairs' seed and this cascade's stages)."""
+        from pixelflow_jax.pairs import stage_starts_jax
+
+        st = self.schedule.stages
+        sides = self.schedule.stage_resolutions(self.cfg.data.resolution,
+                                                self.cfg.params.patch_size)
+        args = dict(resolutions=tuple(sides), channels=self.cfg.params.in_channels,
+                    gamma=self.schedule.gamma, alphas=tuple(s.alpha for s in st),
+                    betas=tuple(s.beta for s in st))
+        return tuple(stage_starts_jax(np.uint32(self.teacher_seed), indices, s,
+                                      ends[s - 1] if s else None, **args)
+                     for s in range(self.schedule.num_stages))
+
     def global_batch_arrays(self, batch: dict) -> dict:
         """This host's rows of a batch -> the global batch, sharded over the mesh."""
         def put(a):
             if jax.process_count() == 1:
                 return jax.device_put(a, self.batch_sharding)
             return jax.make_array_from_process_local_data(self.batch_sharding, a)
+        if self.pairs_mode:
+            return {"labels": put(batch["labels"].astype(np.int32)),
+                    "indices": put(batch["indices"].astype(np.int32)),
+                    "ends": tuple(put(a) for a in batch["ends"])}
         return {"images": put(batch["images"]),
                 "labels": put(batch["labels"].astype(np.int32))}
 
@@ -270,6 +358,11 @@ class Trainer:
         """The global batch as sharded ``jax.ShapeDtypeStruct`` (to lower the step)."""
         B, R, C = self.global_batch, self.cfg.data.resolution, self.cfg.params.in_channels
         spec = functools.partial(jax.ShapeDtypeStruct, sharding=self.batch_sharding)
+        if self.pairs_mode:
+            G = self.groups
+            sides = self.schedule.stage_resolutions(R, self.cfg.params.patch_size)
+            return {"labels": spec((G,), jnp.int32), "indices": spec((G,), jnp.int32),
+                    "ends": tuple(spec((G, r, r, C), jnp.float32) for r in sides)}
         return {"images": spec((B, R, R, C), jnp.uint8), "labels": spec((B,), jnp.int32)}
 
     # ------------------------------------------------------------------ state and step
@@ -292,6 +385,14 @@ class Trainer:
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                 shapes, shardings)
 
+        if self.cfg.train.init_from:
+            loaded = jax.device_put(self.init_params(params), shardings["params"])
+
+            def start(params):
+                return {"step": jnp.zeros((), jnp.int32), "params": params, "ema": params,
+                        "opt_state": tx.init(params)}
+            return graphdef, jax.jit(start, out_shardings=shardings)(loaded)
+
         def make():
             model = init_model(self.cfg.params, seed=self.cfg.seed, dtype=self.dtype,
                                remat=self.cfg.train.remat)
@@ -299,6 +400,42 @@ class Trainer:
             return {"step": jnp.zeros((), jnp.int32), "params": params, "ema": params,
                     "opt_state": tx.init(params)}
         return graphdef, jax.jit(make, out_shardings=shardings)()
+
+    def init_params(self, abstract_params: dict) -> dict:
+        """``train.init_from``'s parameters (float32 NumPy), checked against this model.
+
+        The folder (or a short name: ``digits``) must hold a model of the same
+        ``model.params``; otherwise one :class:`UserError` names the differences.
+        """
+        from pixelflow_jax.checkpoint import _flatten, load_param_tree
+
+        folder = self._check_init_from()
+        tree, _ = load_param_tree(folder)
+        got, want = _flatten(tree), _flatten(abstract_params)
+        bad = [k for k in want if k not in got or got[k].shape != want[k].shape]
+        if bad or len(got) != len(want):  # only a damaged or foreign folder gets here
+            raise UserError(f"train.init_from {folder}: its parameters do not fit this model "
+                            f"(first: {(bad or sorted(set(got) - set(want)))[0]})")
+        return tree
+
+    def _check_init_from(self) -> str:
+        """``train.init_from``'s folder, refused (one line) when it holds no checkpoint or
+        another model; reads only its config.yaml."""
+        from pixelflow_jax.default_model import resolve_checkpoint
+
+        folder = resolve_checkpoint(self.cfg.train.init_from)
+        path = os.path.join(folder, "config.yaml")
+        if not os.path.isfile(path):
+            raise UserError(f"train.init_from {folder}: not a checkpoint folder (no "
+                            "config.yaml there)")
+        theirs, ours = load_config(path).params, self.cfg.params
+        if theirs != ours:
+            diff = [f"{f.name} {getattr(theirs, f.name)} (here {getattr(ours, f.name)})"
+                    for f in dataclasses.fields(theirs)
+                    if getattr(theirs, f.name) != getattr(ours, f.name)]
+            raise UserError(f"train.init_from {folder} holds another model: {', '.join(diff)}; "
+                            "set model.params as in its config.yaml")
+        return folder
 
     def state_shardings(self, state: dict) -> dict:
         """Each leaf's ``NamedSharding``: split over ``fsdp`` by :func:`param_spec`."""
@@ -313,7 +450,10 @@ class Trainer:
         ``state`` (concrete or abstract) gives the layout only. The old state is donated.
         """
         step = functools.partial(train_step, graphdef=graphdef, tx=tx, lr=lr,
-                                 schedule=self.schedule, train=self.cfg.train, seed=self.cfg.seed)
+                                 schedule=self.schedule, train=self.cfg.train, seed=self.cfg.seed,
+                                 shift=sampling_setting(self.cfg, "shift"),
+                                 starts_fn=self.stage_starts if self.pairs_mode else None,
+                                 perceptual_loss=self.perceptual_loss)
         shardings = self.state_shardings(state)
         metrics = {k: self.replicated for k in ("loss", "grad_norm", "lr", "ok")}
         return jax.jit(step, in_shardings=(shardings, self.batch_sharding),
@@ -359,9 +499,12 @@ class Trainer:
 
         with contextlib.ExitStack() as stack:
             self._check_resume_config()
+            if self.cfg.train.init_from and not _saved_steps(os.path.join(self.out,
+                                                                          "checkpoints")):
+                self._check_init_from()  # before anything is written (a resume ignores it)
             source, loader = self.open_loader(None)  # data problems surface before any writing
             stack.callback(loader.close)
-            total = self._total_steps(len(source))
+            total = self._total_steps(source.num if self.pairs_mode else len(source))
             lr = learning_rate_schedule(self.cfg.train, total)
             tx = optimizer(self.cfg.train, lr)
             manager = self._open_checkpoints()
@@ -383,8 +526,11 @@ class Trainer:
             log = MetricsLog(os.path.join(self.out, "metrics.jsonl"), start)
             stack.callback(log.close)
             n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract["params"]))
+            what = "" if not self.pairs_mode else (
+                f"{self.cfg.train.objective} on {source.num:,} teacher pairs "
+                f"({self.groups} per step, each at all {self.schedule.num_stages} stages), ")
             self._say(f"training {n_params:,} parameters on {self.mesh.size} device(s) "
-                      f"(mesh {dict(self.mesh.shape)}), global batch {self.global_batch}, "
+                      f"(mesh {dict(self.mesh.shape)}), {what}global batch {self.global_batch}, "
                       f"{total} steps, {np.dtype(self.dtype).name} compute")
             step_fn = self.make_train_step(graphdef, tx, lr, abstract)
             preempted = stack.enter_context(_sigterm_flag())
@@ -395,12 +541,14 @@ class Trainer:
 
     def _total_steps(self, num_images: int) -> int:
         """The run's length: ``train.steps``, or its epochs of the data; warns when the
-        warm-up outlasts it (the user may mean it, e.g. a smoke run of a long recipe)."""
+        warm-up outlasts it (the user may mean it, e.g. a smoke run of a long recipe).
+        A pair step reads G = B / S images of the pair folder (each at every stage)."""
         tc = self.cfg.train
-        steps_per_epoch = num_images // self.global_batch
+        per_step = self.groups if self.pairs_mode else self.global_batch
+        steps_per_epoch = num_images // per_step
         if steps_per_epoch == 0:
             raise UserError(f"the data ({num_images} images) is smaller than one global batch "
-                            f"({self.global_batch})")
+                            f"({per_step})")
         total = tc.steps or tc.epochs * steps_per_epoch
         if tc.warmup_steps >= total:
             last = float(learning_rate_schedule(tc, total)(total - 1))
@@ -477,7 +625,9 @@ class Trainer:
                  "scheduler": (before.scheduler, self.cfg.scheduler),
                  "seed": (before.seed, self.cfg.seed),
                  "data.resolution": (before.data.resolution, self.cfg.data.resolution),
-                 "data.batch_size": (before.data.batch_size, self.cfg.data.batch_size)}
+                 "data.batch_size": (before.data.batch_size, self.cfg.data.batch_size),
+                 "train.objective": (before.train.objective, self.cfg.train.objective),
+                 "data.pairs": (before.data.pairs, self.cfg.data.pairs)}
         changed = [k for k, (a, b) in fixed.items() if a != b]
         if changed:
             raise UserError(f"{self.out} holds a run with another {', '.join(changed)}; use a "
@@ -537,12 +687,48 @@ class Trainer:
         n = min(10, self.cfg.params.num_classes)
         n = -(-n // sampler.mesh.size) * sampler.mesh.size
         labels = np.arange(n) % self.cfg.params.num_classes
-        x = sampler.generate(self.cfg.seed, np.arange(n), labels=labels, steps=10, guidance=4.0)
+        x = sampler.generate(self.cfg.seed, np.arange(n), labels=labels,
+                             steps=sampling_setting(self.cfg, "steps"),
+                             guidance=sampling_setting(self.cfg, "guidance"),
+                             shift=sampling_setting(self.cfg, "shift"))
         if jax.process_index() == 0:
             folder = os.path.join(self.out, "samples")
             os.makedirs(folder, exist_ok=True)
             save_png(os.path.join(folder, f"step_{run.step:07d}.png"),
                      make_grid(np.asarray(to_images(_gather(x))), rows=1))
+
+
+# What a reflow / distill run's checkpoint samples with unless its config says otherwise
+# (DESIGN §11): guidance is baked into the pairs, so the student samples unguided.
+OBJECTIVE_SAMPLING = {"reflow": dict(steps=2, guidance=1.0, solver="euler"),
+                      "distill": dict(steps=1, guidance=1.0, solver="euler")}
+
+
+def with_sampling_defaults(cfg: PixelFlowConfig) -> PixelFlowConfig:
+    """``cfg`` with its objective's sampling defaults in the unset ``sample`` keys."""
+    fill = OBJECTIVE_SAMPLING.get(cfg.train.objective)
+    if not fill:
+        return cfg
+    changes = {k: v for k, v in fill.items() if getattr(cfg.sample, k) is None}
+    return dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **changes))
+
+
+def sampling_setting(cfg: PixelFlowConfig, name: str) -> Any:
+    """``cfg.sample.<name>``, or the package default (``pixelflow_jax.defaults``)."""
+    from pixelflow_jax import defaults
+
+    value = getattr(cfg.sample, name)
+    if value is not None:
+        return value
+    return {"steps": defaults.STEPS, "guidance": defaults.GUIDANCE, "shift": defaults.SHIFT,
+            "solver": defaults.SOLVERS[0]}[name]
+
+
+def _saved_steps(ckpt_dir: str) -> list[str]:
+    """The step folders of committed checkpoints in ``ckpt_dir`` (none if it is missing)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return [name for name in os.listdir(ckpt_dir) if name.isdigit()]
 
 
 def _incomplete_saves(ckpt_dir: str) -> list[str]:
