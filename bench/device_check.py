@@ -13,16 +13,22 @@ cannot take the others down; whatever was measured is appended, failures named):
           samples/s and MFU
   dopri5  XL FID recipe (guidance 2.4, rtol 1e-3, atol 1e-6, batch error control over the
           duplicated 2B-row state): s/image and velocity evaluations per image
+  inception  FID Inception (bench/bench_inception.py --score-cost): images/s at 256 px,
+          batch 256, float32 and bfloat16; the host's FID and sFID matrix square roots,
+          precision/recall of two 10k x 2048 random feature sets on the device, and from
+          those the estimated time to score 50k samples against ADM's 10k reference
   t5      flan-t5-xl-sized T5 encoder (bench/bench_t5.py): s/prompt in float32 and bfloat16,
           at the official 512-token padding and at the bucketed length
   t2i     XL text-to-image at 1024 px (bench/bench_t2i.py --time), 10 steps/stage,
           guidance 4 (2 rows), bf16: s/image, peak memory, and how many attention calls
           reach cuDNN's fused kernel (the masked cross-attention needs kv lengths for it)
-Weights are random normal-scale (pixelflow_jax.random_weights): nothing is downloaded, and
-an adaptive solver may take more steps than with trained weights. The parts share one
---budget (later parts get what is left); `--parts dopri5 --budget 200` reruns one, and the
-compilation cache (bench/results/xla_cache) turns a rerun's compiles into loads. The text
-parts come last: if the budget runs out first, `--parts t5 t2i --budget 300` runs them.
+Weights are random normal-scale (pixelflow_jax.random_weights; He-normal for the
+Inception): nothing is downloaded, and an adaptive solver may take more steps than with
+trained weights. The parts share one --budget (later parts get what is left); `--parts
+dopri5 --budget 200` reruns one, and the compilation cache (bench/results/xla_cache) turns
+a rerun's compiles into loads. The text parts come last: if the budget runs out first,
+`--parts t5 t2i --budget 300` runs them (and `--parts inception --budget 130` the
+Inception alone).
 """
 
 from __future__ import annotations
@@ -47,9 +53,14 @@ CARD_24GB_MIB = 21.5 * 1024
 
 
 # What each run measures: the figures' labels name it whether or not the part ran.
-SIZES = {False: dict(model="XL", steps=10, euler=16, memory=4, dopri5=16, t2i_px=1024),
-         True: dict(model="tiny", steps=1, euler=2, memory=2, dopri5=2, t2i_px=32)}
-PARTS = ["euler", "memory", "train", "dopri5", "t5", "t2i"]
+SIZES = {False: dict(model="XL", steps=10, euler=16, memory=4, dopri5=16, t2i_px=1024,
+                     inception_batch=256, inception_px=256, fid_dims=(2048, 2023),
+                     pr_size=10000),
+         True: dict(model="tiny", steps=1, euler=2, memory=2, dopri5=2, t2i_px=32,
+                    inception_batch=1, inception_px=16, fid_dims=(32, 31), pr_size=64)}
+PARTS = ["euler", "memory", "train", "dopri5", "inception", "t5", "t2i"]
+# The scoring estimate's set sizes: 50k samples against an ADM reference batch's 10k images.
+SCORE_SAMPLES, SCORE_REFERENCE = 50000, 10000
 # Tiny text model and encoder for the smoke run (the XL runs use the benches' defaults).
 TINY_T2I = ["--set", "model.params.depth=1", "model.params.num_attention_heads=2",
             "model.params.attention_head_dim=8", "model.params.cross_attention_dim=32"]
@@ -71,6 +82,12 @@ def plans(smoke: bool) -> dict:
     t2i = ["bench/bench_t2i.py", "--time", "--resolutions", str(size["t2i_px"]), "--batches",
            "1", "--dtypes", "bfloat16", "--steps", str(size["steps"]), "--cfg", "4",
            "--repeats", "1", "--warmups", "0"]
+    # Both dtypes in one process; precision/recall at pr_size rows (10k: ADM's block shape).
+    inception = ["bench/bench_inception.py", "--batch", str(size["inception_batch"]), "--side",
+                 str(size["inception_px"]), "--dtype", "float32", "bfloat16", "--no-torch",
+                 "--score-cost", "--pr-size", str(size["pr_size"]), "--feature-dims",
+                 *map(str, size["fid_dims"]), "--num-samples", str(SCORE_SAMPLES),
+                 "--num-reference", str(SCORE_REFERENCE)]
     if smoke:
         return {
             "euler": (euler + ["--batch", str(size["euler"]), "--repeats", "1",
@@ -84,6 +101,10 @@ def plans(smoke: bool) -> dict:
             # 3 stages, 16 px: the quickest Dopri5 compile (no PyTorch row, whose oracle
             # knows the official 4-stage guidance weights only).
             "dopri5": (dopri5 + ["--runs", "tiny_train:dopri5"], 60),
+            # One 16-px image per batch (the network resizes to 299 px whatever comes in),
+            # 32-d features: ~10 s with the compilation cache warm, ~24 s cold (2 cores at
+            # load 5).
+            "inception": (inception + ["--repeats", "1"], 40),
             "t5": (t5 + TINY_T5 + ["--repeats", "1"], 40),
             "t2i": (t2i + TINY_T2I, 60),
         }
@@ -95,6 +116,9 @@ def plans(smoke: bool) -> dict:
                    "--batch-per-device", "64", "32", "16", "8", "--remat-fallback", "--steps",
                    "3", "--set", "train.dtype=bfloat16"], 180),
         "dopri5": (dopri5 + ["--runs", "xl:dopri5"], 150),
+        # Two Inception compiles, 2 x 5 batches of 256, two 2k sqrtm on the host's CPUs,
+        # precision/recall compiled and run twice on 10k x 10k.
+        "inception": (inception + ["--repeats", "5"], 120),
         "t5": (t5 + ["--repeats", "3"], 90),
         "t2i": (t2i, 200),
     }
@@ -187,7 +211,40 @@ def figures(results: dict, smoke: bool) -> list[tuple[str, str, str, str]]:
          else fmt(train.get("mfu") and 100 * train["mfu"], ".1f"), ">= 45",
          f"{fmt(train.get('tflops'))} TFLOP/s achieved (pixelflow_jax.trainer.flops_per_step)"),
     ]
-    return rows + text_figures(results, smoke)
+    return rows + inception_figures(results, smoke) + text_figures(results, smoke)
+
+
+def inception_figures(results: dict, smoke: bool) -> list[tuple[str, str, str, str]]:
+    """The FID Inception's rows: images/s per dtype, host scoring costs, the 50k estimate."""
+    size = SIZES[smoke]
+    got = [r for r in results.get("inception", (None, None))[0] or [] if "error" not in r]
+    jax_rows = {r["dtype"]: r for r in got if r.get("impl") == "jax"}
+    f32, bf16 = jax_rows.get("float32", {}), jax_rows.get("bfloat16", {})
+    score = next((r for r in got if r.get("impl") == "score"), {})
+    est = next((r for r in got if r.get("impl") == "estimate" and r["dtype"] == "float32"), {})
+    dims, n = size["fid_dims"], size["pr_size"]
+    ratio = (bf16["images_per_s"] / f32["images_per_s"] if f32 and bf16 else None)
+    return [
+        (f"FID Inception, {size['inception_px']} px uint8, batch {size['inception_batch']}, "
+         "float32: images/s", fmt(f32.get("images_per_s"), ".4g"), "",
+         f"first call (compile + run) {fmt(f32.get('first_s'), '.1f')} s; "
+         f"{f32.get('where', '')}"),
+        ("FID Inception, bfloat16: images/s", fmt(bf16.get("images_per_s"), ".4g"), "",
+         f"bfloat16 / float32 = {fmt(ratio, '.2f')}; first call "
+         f"{fmt(bf16.get('first_s'), '.1f')} s; not for reported numbers"),
+        (f"FID + sFID Frechet distances ({dims[0]}x{dims[0]}, {dims[1]}x{dims[1]}), host: s",
+         fmt(score["fid_s"] + score["sfid_s"] if score else None, ".4g"), "",
+         f"FID {fmt(score.get('fid_s'), '.4g')} s + sFID {fmt(score.get('sfid_s'), '.4g')} s "
+         f"(scipy sqrtm on {score.get('host_cores', '?')} CPU cores)"),
+        (f"Precision/recall, {n} x {n} random {dims[0]}-d features: s",
+         fmt(score.get("pr_s"), ".4g"), "",
+         f"first call (compile + run) {fmt(score.get('pr_first_s'), '.4g')} s; "
+         f"{score.get('pr_where', '')}"),
+        (f"Score {SCORE_SAMPLES // 1000}k samples vs {SCORE_REFERENCE // 1000}k reference, "
+         "float32 (estimate): s", fmt(est.get("total_s"), ".4g"), "",
+         f"{est.get('formula', 'n/a')}; compile and decoding excluded "
+         "(bench/bench_inception.py)"),
+    ]
 
 
 def text_figures(results: dict, smoke: bool) -> list[tuple[str, str, str, str]]:

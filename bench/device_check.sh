@@ -5,6 +5,7 @@
 #   bash bench/device_check.sh --smoke --out FILE       # tiny configs on CPU (CI)
 #   bash bench/device_check.sh --budget 300 --parts euler train
 #   bash bench/device_check.sh --budget 300 --parts t5 t2i     # the text path alone
+#   bash bench/device_check.sh --budget 130 --parts inception  # FID Inception, 50k estimate
 #
 # Run from anywhere; works in the repository root. PYTHON picks the interpreter (default
 # python3, the one with jax and torch on the device machine). The parts, their timeouts and

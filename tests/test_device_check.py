@@ -25,6 +25,11 @@ FIGURES = [
     "Train tiny: global batch",
     "Train: samples/s",
     "Train: MFU %",
+    "FID Inception, 16 px uint8, batch 1, float32: images/s",
+    "FID Inception, bfloat16: images/s",
+    "FID + sFID Frechet distances (32x32, 31x31), host: s",
+    "Precision/recall, 64 x 64 random 32-d features: s",
+    "Score 50k samples vs 10k reference, float32 (estimate): s",
     "T5 encoder (tiny sizes), float32, 512 tokens (official padding): s/prompt",
     "T5 float32, bucketed: s/prompt",
     "T5 encoder (tiny sizes), bfloat16, 512 tokens (official padding): s/prompt",
@@ -34,7 +39,7 @@ FIGURES = [
     "Text-to-image: peak memory MiB",
     "Text-to-image: attention calls on cuDNN's fused kernel",
 ]
-PARTS = ("euler", "memory", "train", "dopri5", "t5", "t2i")
+PARTS = ("euler", "memory", "train", "dopri5", "inception", "t5", "t2i")
 CUDNN = "Text-to-image: attention calls on cuDNN's fused kernel"
 
 
@@ -102,8 +107,42 @@ def test_smoke_appends_every_figure(tmp_path):
     assert "finite: True" in t2i and "cpu" in t2i, t2i
     # 8 model instances (text models guide every stage), each a self- and a cross-attention.
     assert details[CUDNN][1].startswith("of 16 in the program"), details[CUDNN]
+    check_inception(numbers, details)
     # Figures are printed as they are measured, before the section.
     assert "  Euler: compile s: " in proc.stdout.split("## Device check")[0]
+
+
+def close(a: float, b: float, rel: float = 2e-3) -> bool:
+    """Equal up to the table's 4 significant digits."""
+    return abs(a - b) <= rel * max(abs(a), abs(b)) + 1e-12
+
+
+def check_inception(numbers: dict, details: dict) -> None:
+    """The inception part's figures agree with each other and with the estimate's formula."""
+    f32 = numbers["FID Inception, 16 px uint8, batch 1, float32: images/s"]
+    bf16 = numbers["FID Inception, bfloat16: images/s"]
+    assert "cpu" in details["FID Inception, 16 px uint8, batch 1, float32: images/s"][1]
+    m = re.match(r"bfloat16 / float32 = ([\d.]+);",
+                 details["FID Inception, bfloat16: images/s"][1])
+    assert m and abs(float(m.group(1)) - bf16 / f32) <= 0.01 * bf16 / f32 + 0.01, m
+    fid_key = "FID + sFID Frechet distances (32x32, 31x31), host: s"
+    m = re.fullmatch(r"FID (\S+) s \+ sFID (\S+) s \(scipy sqrtm on \d+ CPU cores\)",
+                     details[fid_key][1])
+    assert m and close(float(m.group(1)) + float(m.group(2)), numbers[fid_key]), details[fid_key]
+    pr = numbers["Precision/recall, 64 x 64 random 32-d features: s"]
+    key = "Score 50k samples vs 10k reference, float32 (estimate): s"
+    m = re.fullmatch(
+        r"\((\d+) \+ (\d+)\) / (\S+) images/s \+ (\S+) s x (\d+)/(\d+) statistics \+ (\S+) s "
+        r"FID\+sFID \+ (\S+) s x (\d+)/(\d+) IS \+ (\S+) s x (\S+) precision/recall; compile "
+        r"and decoding excluded \(bench/bench_inception.py\)", details[key][1])
+    assert m, details[key][1]
+    s_, r_, rate, stats, s_r, n1, fid, is_, s2, n2, pr_s, scale = (float(g) for g in m.groups())
+    assert (s_, r_, s_r, s2) == (50000, 10000, 60000, 50000) and n1 == n2 == 64
+    assert close(rate, f32) and close(fid, numbers[fid_key]) and close(pr_s, pr)
+    # Precision/recall pairs: both sets' k-NN radii and the cross pass, over 3 x 64^2.
+    assert close(scale, (r_ ** 2 + s_ ** 2 + r_ * s_) / (3 * 64 ** 2))
+    total = (s_ + r_) / rate + stats * s_r / n1 + fid + is_ * s2 / n2 + pr_s * scale
+    assert close(total, numbers[key], 5e-3), (total, numbers[key])
 
 
 def test_spent_budget_still_appends_and_fails(tmp_path):
