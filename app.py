@@ -3,21 +3,34 @@
 Generate, see 4 images.
 
 Examples:
-  python app.py                       # the embedded digits model on http://127.0.0.1:7860
-  python app.py --ckpt CKPT_DIR --host 0.0.0.0 --port 8080
+  python app.py                       # the embedded models on http://127.0.0.1:7860
+  python app.py --ckpt digits-1step   # one model: the one-step student alone
+  python app.py --models digits RUN/ema --host 0.0.0.0 --port 8080
   python app.py --ckpt T2I_DIR --text-encoder FLAN_T5_XL_DIR   # a text-to-image model
 
-The page is up at once and says "warming up" while the model compiles (once, for
-every setting: changing class, solver, steps, guidance, shift or seed never
-recompiles). A text-to-image checkpoint gets a prompt and a negative-prompt box
-instead of the class list; prompts are padded to a length bucket (16, 32, ... 512
-tokens), and a new prompt never recompiles: only the first prompt of a longer
-bucket, and the first Dopri5 request of a bucket, compile once. Prompts longer than
-T5's 511 tokens are cut there, as in the official pipeline, and the page says so.
-Requests queue and run one at a time. The same endpoint is an API (/generate; see
-"Use via API" at the bottom of the page). User mistakes on the command line (a bad
---host or --port, a text checkpoint without an encoder, --text-encoder for a class
-checkpoint) end with one line on stderr and exit code 2, before the model loads;
+Without --ckpt or --models the page offers every embedded model this copy ships
+(digits and digits-1step, those present) in a Model drop-down; --models chooses
+the class-conditional checkpoints offered instead, --ckpt serves one (a
+text-to-image checkpoint is always served alone). Choosing a model sets the solver,
+steps, guidance and shift to its defaults: those of its config.yaml's sample:
+section (a one-step student: 1 Euler step per stage, guidance 1), else the official
+ones (Euler, 10 steps per stage, guidance 4, shift 1). On a page with a model
+choice the API's first value is the model's name.
+
+The page is up at once and says "warming up" while the models compile (each once,
+one after the other at start-up, the one shown first first; a model is usable as
+soon as it is compiled, and models of one network, such as a student and its
+teacher, share their programs): changing model, class, solver, steps, guidance,
+shift or seed never recompiles. A text-to-image checkpoint gets a prompt and a
+negative-prompt box instead of the class list; prompts are padded to a length
+bucket (16, 32, ... 512 tokens), and a new prompt never recompiles: only the first
+prompt of a longer bucket, and the first Dopri5 request of a bucket, compile once.
+Prompts longer than T5's 511 tokens are cut there, as in the official pipeline, and
+the page says so. Requests queue and run one at a time. The same endpoint is an API
+(/generate; see "Use via API" at the bottom of the page). User mistakes on the
+command line (a bad --host or --port, a short name not shipped, a text checkpoint
+without an encoder or among --models, --text-encoder for a class checkpoint) end
+with one line on stderr and exit code 2, before the models load;
 Ctrl-C stops the server with exit code 130.
 """
 
@@ -47,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     """app.py's flags."""
     p = cli.Parser(prog="app.py", doc=__doc__)
     cli.add_ckpt(p)
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME_OR_DIR",
+                   help="class-conditional checkpoints to offer in a Model drop-down, each a "
+                        "folder or a short name (digits, digits-1step); the first is shown "
+                        "first (default without --ckpt: every embedded model shipped)")
     p.add_argument("--text-encoder", default=None, metavar="HF_T5_DIR",
                    help="text-to-image checkpoints: the T5 encoder's Hugging Face folder "
                         "(config.json, tokenizer.json, weights), e.g. google/flan-t5-xl "
@@ -123,14 +140,17 @@ def markdown_text(text: str, limit: int = PROMPT_SHOWN) -> str:
     return "".join("\\" + c if c in MARKDOWN_SPECIAL else c for c in text)
 
 
-def describe(result: Any) -> str:
-    """The status line under the images for one result: what was drawn, the request's
-    time and velocity evaluations, and the compiled programs."""
+def describe(result: Any, model: str | None = None) -> str:
+    """The status line under the images for one result: what was drawn (by ``model``,
+    on a page with a model choice), the request's time and velocity evaluations, and
+    the compiled programs (of that model)."""
     r = result.request
     how = ("Dopri5 (adaptive)" if r.dopri5 else
            f"Euler {'+'.join(map(str, r.steps))} steps, shift {r.shift:g}")
     if r.prompt is None:
         what = f"**{result.class_name}** (class {r.class_id})"
+        if model:
+            what += f" from **{markdown_text(model)}**"
         timing = f"{result.seconds:.2f} s"
     else:
         what = f"“{markdown_text(r.prompt)}”"
@@ -178,9 +198,12 @@ def describe_model(demo: Any) -> str:
     what = (f"text-to-image, prompts read by the T5 encoder `{shown_path(demo.encoder_dir)}`"
             if demo.kind == "text" else f"{demo.num_classes} classes")
     stages = f"{demo.num_stages} stage{'s' if demo.num_stages != 1 else ''}"
-    return (f"Cascaded pixel-space flow matching: {demo.resolution} px images in "
+    text = (f"Cascaded pixel-space flow matching: {demo.resolution} px images in "
             f"{stages} ({' → '.join(f'{r} px' for r in resolutions)}), "
             f"{what}. Checkpoint: `{shown_path(demo.ckpt_dir)}`")
+    if demo.defaults.carried:
+        text += f"; its default settings (config.yaml): {demo.defaults.summary()}"
+    return text
 
 
 def condition_inputs(demo: Any) -> list:
@@ -195,12 +218,12 @@ def condition_inputs(demo: Any) -> list:
                            elem_id="negative",
                            placeholder="empty by default, as in the official pipeline")]
     choices = [(option_label(i, name), i) for i, name in enumerate(demo.names)]
-    default_class = 207 if demo.num_classes == 1000 else 0  # golden retriever
-    return [gr.Dropdown(choices, value=default_class, label="Class", elem_id="class")]
+    return [gr.Dropdown(choices, value=default_class(demo), label="Class", elem_id="class")]
 
 
-def ready_text(demo: Any) -> str:
-    """The status line once warm-up has succeeded."""
+def ready_text(demo: Any, model: str | None = None, lender: str | None = None) -> str:
+    """The status line once warm-up has succeeded (of ``model``, on a page with a model
+    choice; ``lender``: the model whose compiled programs it uses)."""
     if demo.kind == "text":
         from pixelflow_jax.text_encoder import BUCKETS
 
@@ -209,47 +232,108 @@ def ready_text(demo: Any) -> str:
                 f"{demo.first_bucket} tokens; a new prompt never recompiles. The first "
                 f"longer prompt of each length bucket ({longer} tokens), and the first Dopri5 "
                 "request of a bucket, compile once.")
-    return (f"**Ready.** Compiled in {demo.compile_seconds:.1f} s; changing any setting "
+    if lender:
+        return (f"**Ready.** {markdown_text(model or '')} runs the programs compiled for "
+                f"{markdown_text(lender)} (the same network, its own weights); changing any "
+                "setting never recompiles.")
+    what = f"{markdown_text(model)} compiled" if model else "Compiled"
+    return (f"**Ready.** {what} in {demo.compile_seconds:.1f} s; changing any setting "
             "never recompiles.")
 
 
-def build_ui(demo: Any, started: float) -> Any:
-    """The Gradio page around a loaded demo (:func:`pixelflow_jax.demo.load_demo`): the
-    class page or the prompt page, with the same solver controls."""
+def build_ui(demos: Any, started: float) -> Any:
+    """The Gradio page around loaded demos: the class page or the prompt page, with the
+    same solver controls.
+
+    ``demos``: one demo (:func:`pixelflow_jax.demo.load_demo`), or name -> demo
+    (:func:`pixelflow_jax.demo.load_demos`, class-conditional; more than one gets a Model
+    drop-down, the first shown first, and the API's first value is the model's name).
+    Each model's controls start at its own defaults (``demo.defaults``), and choosing a
+    model resets them to that model's.
+    """
     import gradio as gr
 
     from pixelflow_jax import demo as demo_lib
     from pixelflow_jax.errors import UserError
 
-    resolutions = demo.euler.resolutions
+    if not isinstance(demos, dict):
+        demos = {"": demos}
+    names = list(demos)
+    first = demos[names[0]]
+    choose = len(demos) > 1
+    num_sliders = max(d.num_stages for d in demos.values())
 
-    def status() -> str:
-        if demo.warm_up_error is not None:
-            return f"**Warm-up failed:** {demo.warm_up_error}"
-        if not demo.ready:
-            return (f"⏳ **Warming up: compiling the model…** ({time.time() - started:.0f} s "
+    def pick(name: Any) -> Any:
+        """The demo of a model name sent by the page or an API client."""
+        if not choose:
+            return first
+        if not isinstance(name, str) or name not in demos:
+            raise UserError(f"unknown model {demo_lib._quoted(name)}: choose one of "
+                            f"{', '.join(names)}")
+        return demos[name]
+
+    def lender_of(d: Any) -> str | None:
+        """The name of the model whose programs ``d`` runs, if another's."""
+        lender = getattr(d, "shares_programs_of", None)
+        return next((n for n, other in demos.items() if other is lender), None)
+
+    def status(name: str) -> str:
+        d = demos[name]
+        which = f" of {markdown_text(name)}" if choose else ""
+        if d.warm_up_error is not None:
+            return f"**Warm-up{which} failed:** {d.warm_up_error}"
+        if not d.ready:
+            what = markdown_text(name) if choose else "the model"
+            return (f"⏳ **Warming up: compiling {what}…** ({time.time() - started:.0f} s "
                     "so far; this happens once, then every request costs only the sampling)")
-        return ready_text(demo)
+        return ready_text(d, name if choose else None, lender_of(d))
 
-    def refresh() -> tuple:
-        done = demo.wait_until_warm(0)
-        text = ("Generate" if demo.ready else
-                "Unavailable" if demo.warm_up_error is not None else "Warming up…")
-        button = gr.Button(text, interactive=demo.ready)
-        return status(), button, gr.Timer(active=not done)
+    def controls(name: str) -> tuple:
+        """The button and the timer for the model shown: the timer ticks while it warms."""
+        d = demos[name]
+        done = d.wait_until_warm(0)
+        text = ("Generate" if d.ready else
+                "Unavailable" if d.warm_up_error is not None else "Warming up…")
+        return gr.Button(text, interactive=d.ready), gr.Timer(active=not done)
+
+    def refresh(*selected: Any) -> tuple:
+        name = selected[0] if choose and selected and selected[0] in demos else names[0]
+        return (status(name), *controls(name))
+
+    def switch(name: Any, class_value: Any) -> tuple:
+        """Another model: its heading, classes and default settings."""
+        if name not in demos:
+            name = names[0]
+        d, defaults = demos[name], demos[name].defaults
+        labels = [option_label(i, n) for i, n in enumerate(d.names)]
+        keep = isinstance(class_value, int) and 0 <= class_value < d.num_classes
+        classes = gr.Dropdown(list(zip(labels, range(d.num_classes))),
+                              value=class_value if keep else default_class(d))
+        steps_ = [gr.Slider(value=defaults.steps[s], visible=True,
+                            label=f"Steps, stage {s + 1} ({d.euler.resolutions[s]} px)")
+                  if s < d.num_stages else gr.Slider(visible=False)
+                  for s in range(num_sliders)]
+        chosen = (f"Model **{markdown_text(name)}**: the settings are its defaults "
+                  f"({defaults.summary()}).")
+        return (heading(d), classes, gr.Checkbox(value=defaults.dopri5),
+                gr.Slider(value=defaults.shift), gr.Slider(value=defaults.guidance), *steps_,
+                f"{chosen} {status(name)}", *controls(name))
 
     # The last error of each browser session, for the status line (the toast fades).
     errors: OrderedDict[str, str] = OrderedDict()
     errors_lock = threading.Lock()
 
-    # Gradio injects the request by its position and annotation (before the inputs):
-    # the condition's values, then dopri5, shift, guidance, seed and the steps per stage.
+    # Gradio injects the request by its position and annotation (before the inputs): the
+    # model's name (with a model choice), the condition's values, then dopri5, shift,
+    # guidance, seed and the steps per stage (one slider per stage of the largest model).
     def generate(request: gr.Request, *values: Any) -> tuple:
-        condition, (dopri5, shift, guidance, seed, *steps) = \
-            values[:len(conditions)], values[len(conditions):]
         try:
-            result = demo.generate(*condition, dopri5=dopri5, steps=list(steps),
-                                   guidance=guidance, shift=shift, seed=seed)
+            name, values = (values[0], values[1:]) if choose else (None, values)
+            d = pick(name)
+            condition, (dopri5, shift, guidance, seed, *steps) = \
+                values[:len(conditions)], values[len(conditions):]
+            result = d.generate(*condition, dopri5=dopri5, steps=list(steps[:d.num_stages]),
+                                guidance=guidance, shift=shift, seed=seed)
         except UserError as e:
             with errors_lock:
                 errors[request.session_hash or ""] = str(e)
@@ -257,30 +341,39 @@ def build_ui(demo: Any, started: float) -> Any:
                     errors.popitem(last=False)
             # gr.Error: a toast in the page, and an error API clients can read.
             raise gr.Error(str(e), title="Cannot generate", print_exception=False) from None
-        return output_images(result), describe(result)
+        return output_images(result), describe(result, name)
 
     def show_error(request: gr.Request) -> str:
         with errors_lock:
             text = errors.pop(request.session_hash or "", "the request failed")
         return f"**Cannot generate:** {text}"
 
+    def heading(d: Any) -> str:
+        return f"# {TITLE}\n{describe_model(d)}"
+
+    defaults = first.defaults
     with gr.Blocks(title=TITLE, analytics_enabled=False,
                    delete_cache=(3600, 3600)) as blocks:
-        gr.Markdown(f"# {TITLE}\n{describe_model(demo)}")
+        title = gr.Markdown(heading(first), elem_id="heading")
         with gr.Row():
             with gr.Column(scale=1):
-                conditions = condition_inputs(demo)
-                dopri5 = gr.Checkbox(False, label="Dopri5 solver (adaptive; ignores steps "
-                                     "and shift)", elem_id="dopri5")
-                shift = gr.Slider(*demo_lib.SHIFT_RANGE, value=demo_lib.DEFAULT_SHIFT, step=1,
+                model = [gr.Dropdown(names, value=names[0], label="Model",
+                                     elem_id="model")] if choose else []
+                conditions = condition_inputs(first)
+                dopri5 = gr.Checkbox(defaults.dopri5, label="Dopri5 solver (adaptive; ignores "
+                                     "steps and shift)", elem_id="dopri5")
+                shift = gr.Slider(*demo_lib.SHIFT_RANGE, value=defaults.shift, step=1,
                                   label="Noise shift", elem_id="shift")
-                guidance = gr.Slider(*demo_lib.GUIDANCE_RANGE, value=demo_lib.DEFAULT_GUIDANCE,
+                guidance = gr.Slider(*demo_lib.GUIDANCE_RANGE, value=defaults.guidance,
                                      step=0.1, label="Classifier-free guidance",
                                      elem_id="guidance")
-                steps = [gr.Slider(*demo_lib.STEPS_RANGE, value=demo_lib.DEFAULT_STEPS, step=1,
-                                   label=f"Steps, stage {s + 1} ({r} px)",
-                                   elem_id=f"steps{s + 1}")
-                         for s, r in enumerate(resolutions)]
+                resolutions = first.euler.resolutions
+                steps = [gr.Slider(*demo_lib.STEPS_RANGE,
+                                   value=defaults.steps[min(s, first.num_stages - 1)], step=1,
+                                   label=f"Steps, stage {s + 1} "
+                                         f"({resolutions[min(s, first.num_stages - 1)]} px)",
+                                   visible=s < first.num_stages, elem_id=f"steps{s + 1}")
+                         for s in range(num_sliders)]
                 seed = gr.Number(demo_lib.DEFAULT_SEED, label="Seed", precision=0,
                                  minimum=0, maximum=demo_lib.SEED_LIMIT - 1, elem_id="seed")
                 button = gr.Button("Warming up…", variant="primary", interactive=False,
@@ -289,15 +382,22 @@ def build_ui(demo: Any, started: float) -> Any:
                 gallery = gr.Gallery(label="Samples", columns=demo_lib.NUM_IMAGES,
                                      format="png", object_fit="contain", height="auto",
                                      elem_id="samples")
-                message = gr.Markdown(status(), elem_id="status")
+                message = gr.Markdown(status(names[0]), elem_id="status")
         timer = gr.Timer(1.0)
-        timer.tick(refresh, outputs=[message, button, timer], concurrency_limit=None,
-                   show_progress="hidden", api_visibility="private")
-        blocks.load(refresh, outputs=[message, button, timer], concurrency_limit=None,
-                    show_progress="hidden", api_visibility="private")
+        timer.tick(refresh, inputs=model, outputs=[message, button, timer],
+                   concurrency_limit=None, show_progress="hidden", api_visibility="private")
+        blocks.load(refresh, inputs=model, outputs=[message, button, timer],
+                    concurrency_limit=None, show_progress="hidden", api_visibility="private")
+        if choose:
+            model[0].change(switch, inputs=[model[0], conditions[0]],
+                            outputs=[title, conditions[0], dopri5, shift, guidance, *steps,
+                                     message, button, timer],
+                            concurrency_limit=None, show_progress="hidden",
+                            api_visibility="private")
         # preprocess=False: the raw values reach demo.parse, whose messages name the field
         # (Gradio's own range checks would say only "Value 0 is less than minimum value 1").
-        button.click(generate, inputs=[*conditions, dopri5, shift, guidance, seed, *steps],
+        button.click(generate,
+                     inputs=[*model, *conditions, dopri5, shift, guidance, seed, *steps],
                      outputs=[gallery, message], api_name="generate", preprocess=False,
                      concurrency_limit=1, show_progress_on=gallery).failure(
             show_error, outputs=message, concurrency_limit=None, show_progress="hidden",
@@ -305,29 +405,74 @@ def build_ui(demo: Any, started: float) -> Any:
     return blocks
 
 
-def warm_up(demo: Any) -> None:
-    """Compile in the background, reporting on stderr (the page shows it too)."""
-    try:
-        seconds = demo.warm_up()
-    except Exception as e:  # shown on the page; the server keeps serving it
-        print(f"app.py: warm-up failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return
-    print(f"app.py: ready (compiled in {seconds:.1f} s)", file=sys.stderr)
+def default_class(demo: Any) -> int:
+    """The class shown first: golden retriever (207) for ImageNet models, else 0."""
+    return 207 if demo.num_classes == 1000 else 0
+
+
+def warm_up(demos: dict[str, Any]) -> None:
+    """Compile in the background, one model after the other (the one shown first
+    first), reporting on stderr (the page shows it too)."""
+    names = {id(demo): name for name, demo in demos.items()}
+    for name, demo in demos.items():
+        which = f" {name}" if len(demos) > 1 else ""
+        try:
+            seconds = demo.warm_up()
+        except Exception as e:  # shown on the page; the server keeps serving it
+            print(f"app.py: warm-up{which} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        lender = getattr(demo, "shares_programs_of", None)
+        how = (f"runs the programs of {names[id(lender)]}" if id(lender) in names else
+               f"compiled in {seconds:.1f} s")
+        print(f"app.py:{which} ready ({how})", file=sys.stderr)
+
+
+def model_folders(ckpt: str | None, models: list[str] | None) -> dict[str, str]:
+    """The checkpoints a page serves, name -> folder: ``--ckpt``'s alone, ``--models``',
+    else every embedded model this copy ships. Short names resolve to their embedded
+    folders (``default_model.resolve_checkpoint``); a folder is named by its last path
+    component (its path, when two share it). Nothing is read but the folder names."""
+    from pixelflow_jax import default_model
+    from pixelflow_jax.demo import embedded_models
+    from pixelflow_jax.errors import UserError
+
+    if ckpt is not None and models is not None:
+        raise UserError("give --ckpt (one model) or --models (a choice), not both")
+    if ckpt is None and models is None:
+        found = embedded_models()
+        return found or {"digits": default_model.default_checkpoint()}  # names the loss
+    folders: dict[str, str] = {}
+    for arg in [ckpt] if ckpt is not None else models:
+        path = default_model.resolve_checkpoint(arg)
+        name = arg if path != arg else os.path.basename(os.path.normpath(path)) or path
+        for other_name, other in folders.items():
+            if os.path.realpath(other) == os.path.realpath(path):
+                raise UserError(f"--models: {arg} is given twice (as {other_name})")
+        if name in folders:
+            name = shown_path(path)
+        folders[name] = path
+    return folders
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C; returns the exit code."""
+    folders = model_folders(args.ckpt, args.models)
     check_address(args.host, args.port)
     from pixelflow_jax import runtime
-    from pixelflow_jax.default_model import default_checkpoint
-    from pixelflow_jax.demo import load_demo
+    from pixelflow_jax.demo import load_demo, load_demos
     from pixelflow_jax.errors import UserError
 
     started = time.time()
     runtime.enable_compilation_cache()
-    demo = load_demo(args.ckpt or default_checkpoint(), text_encoder=args.text_encoder,
-                     dtype=args.dtype, attention=args.attention)
-    blocks = build_ui(demo, started)
+    if len(folders) == 1:
+        demos = {name: load_demo(path, text_encoder=args.text_encoder, dtype=args.dtype,
+                                 attention=args.attention) for name, path in folders.items()}
+    else:
+        if args.text_encoder is not None:
+            raise UserError("--text-encoder is for one text-to-image checkpoint (--ckpt), "
+                            "not for a choice of class-conditional models")
+        demos = load_demos(folders, dtype=args.dtype, attention=args.attention)
+    blocks = build_ui(demos, started)
     blocks.queue(default_concurrency_limit=1)
     try:
         blocks.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True,
@@ -337,9 +482,11 @@ def run(args: argparse.Namespace) -> int:
         reason = str(e).split(". ")[0]  # Gradio adds advice about its own env variables
         raise UserError(f"cannot serve on {args.host}:{args.port} ({reason}); choose another "
                         "--port") from None
-    print(f"app.py: serving http://{args.host}:{args.port} ({demo.ckpt_dir}); warming up...",
+    shown = ", ".join(f"{name}: {d.ckpt_dir}" for name, d in demos.items()) \
+        if len(demos) > 1 else next(iter(demos.values())).ckpt_dir
+    print(f"app.py: serving http://{args.host}:{args.port} ({shown}); warming up...",
           file=sys.stderr)
-    threading.Thread(target=warm_up, args=(demo,), daemon=True, name="warm-up").start()
+    threading.Thread(target=warm_up, args=(demos,), daemon=True, name="warm-up").start()
     try:
         # Not blocks.block_thread(): it swallows Ctrl-C, and Ctrl-C must exit with 130.
         while blocks.is_running:

@@ -16,7 +16,14 @@ Two kinds of checkpoint, one interface (``demo.kind``, ``demo.generate(...)``):
 
 :func:`load_demo` picks the kind from the checkpoint's config. Requests are checked
 first (``parse``); a bad one raises :class:`UserError` with a message fit to show to
-the person who sent it.
+the person who sent it. A setting a request leaves out takes the model's own default
+(:attr:`_Demo.defaults`: the checkpoint's ``sample:`` section, DESIGN §11, else
+:mod:`pixelflow_jax.defaults`), so a one-step student draws one step per stage, unguided.
+
+One page may offer several class-conditional models (:func:`embedded_models`, the
+embedded ones this copy ships; :func:`load_demos`): each is its own demo, and models of
+one network (a student beside its teacher) run the same two compiled programs, each
+with its own weights.
 """
 
 from __future__ import annotations
@@ -49,6 +56,65 @@ QUOTE_LIMIT = 60  # characters of a bad value quoted back in a message
 # A request's text is bounded (a request may send megabytes); T5 reads 511 tokens, a
 # few thousand characters, so this cuts nothing the encoder would have read.
 MAX_PROMPT_CHARS = 20_000
+
+
+class _ModelDefault:
+    """The value of a request setting left out: the model's own default (``demo.defaults``)."""
+
+    def __repr__(self) -> str:
+        return "MODEL_DEFAULT"
+
+
+MODEL_DEFAULT: Any = _ModelDefault()
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingDefaults:
+    """A model's default request settings, and the page's initial slider values.
+
+    From the checkpoint's ``sample:`` section (``carried`` True), else
+    :mod:`pixelflow_jax.defaults`, as ``sample.py`` takes them (DESIGN §11), fitted to
+    what the page offers: Dopri5 for ``solver: dopri5`` (Euler for ``euler`` and
+    ``euler-diffrax``, the same steps), guidance 0 (the official "no guidance") as 1
+    (the same images), and values past a slider's end at that end.
+    """
+
+    dopri5: bool
+    steps: tuple[int, ...]   # one per stage
+    guidance: float
+    shift: float
+    carried: bool = False
+
+    def summary(self) -> str:
+        """E.g. "Euler 1+1+1 steps, shift 1, guidance 1"."""
+        solver = ("Dopri5" if self.dopri5 else
+                  f"Euler {'+'.join(map(str, self.steps))} steps, shift {self.shift:g}")
+        return f"{solver}, guidance {self.guidance:g}"
+
+
+def _clamp(value: float, lo: float, hi: float) -> float:
+    return min(max(value, lo), hi)
+
+
+def sampling_defaults(cfg: Any, num_stages: int, where: str = "the checkpoint") -> SamplingDefaults:
+    """:class:`SamplingDefaults` of a checkpoint's config (``cfg.sample``) for a cascade of
+    ``num_stages`` stages. A ``sample.steps`` list of another length than one or
+    ``num_stages`` is a :class:`UserError` naming ``where`` (the folder)."""
+    from pixelflow_jax.config import SampleConfig
+    from pixelflow_jax.sample_run import SampleRequest, with_checkpoint_defaults
+
+    r = with_checkpoint_defaults(SampleRequest(out="", out_kind="grid"), cfg.sample)
+    steps = list(r.steps) * num_stages if len(r.steps) == 1 else list(r.steps)
+    if len(steps) != num_stages:
+        raise UserError(f"{where}: config.yaml's sample.steps gives {len(r.steps)} step "
+                        f"counts for a model of {num_stages} stages: give one, or one per "
+                        "stage")
+    return SamplingDefaults(
+        dopri5=r.solver == "dopri5",
+        steps=tuple(int(_clamp(n, *STEPS_RANGE)) for n in steps),
+        guidance=_clamp(float(r.cfg) or 1.0, *GUIDANCE_RANGE),  # g = 0 draws as g = 1
+        shift=_clamp(float(r.shift), *SHIFT_RANGE),
+        carried=cfg.sample != SampleConfig())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +225,11 @@ class _Demo:
 
     kind = ""
 
-    def _setup(self, ckpt_dir: str | os.PathLike, model: Any, cfg: Any) -> None:
+    def _setup(self, ckpt_dir: str | os.PathLike, model: Any, cfg: Any,
+               program_key: Any = None, share: Sequence["_Demo"] = ()) -> None:
+        """``program_key``: what decides the compiled programs besides the weights; the
+        first demo of ``share`` with an equal key lends its samplers (see
+        :class:`PixelFlowDemo`)."""
         from pixelflow_jax.sampling import Sampler
         from pixelflow_jax.scheduler import schedule_from_config
         from pixelflow_jax.solvers import Dopri5Config
@@ -169,14 +239,35 @@ class _Demo:
         self.channels = cfg.params.in_channels
         self.schedule = schedule_from_config(cfg.scheduler)
         self.num_stages = self.schedule.num_stages
+        self.defaults = sampling_defaults(cfg, self.num_stages, self.ckpt_dir)
+        self.compile_seconds: float | None = None
+        self.warm_up_error: str | None = None
+        self._ready = threading.Event()
+        self._program_key = program_key
+        # The weights this demo swaps into samplers it shares (None: it shares none).
+        self._params: Any = None
+        self.shares_programs_of: _Demo | None = None
+        lender = next((d for d in share if program_key is not None
+                       and d._program_key == program_key), None)
+        if lender is not None:
+            import jax
+            from flax import nnx
+
+            from pixelflow_jax import distributed
+
+            self.euler, self.dopri5, self._lock = lender.euler, lender.dopri5, lender._lock
+            self.shares_programs_of = lender.shares_programs_of or lender
+            with self._lock:
+                if lender._params is None:
+                    lender._params = lender.euler.state
+            self._params = jax.device_put(nnx.to_pure_dict(nnx.state(model)),
+                                          distributed.replicated(self.euler.mesh))
+            return
         mesh = _demo_mesh()
         self.euler = Sampler(model, self.schedule, self.resolution, solver="euler",
                              max_steps=MAX_STEPS, mesh=mesh)
         self.dopri5 = Sampler(model, self.schedule, self.resolution, solver="dopri5",
                               dopri5=Dopri5Config(), mesh=mesh)
-        self.compile_seconds: float | None = None
-        self.warm_up_error: str | None = None
-        self._ready = threading.Event()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ start-up
@@ -223,7 +314,14 @@ class _Demo:
 
     def _settings(self, dopri5: Any, steps: Any, guidance: Any, shift: Any,
                   seed: Any) -> dict[str, Any]:
-        """The solver settings of a request, checked (see ``parse``)."""
+        """The solver settings of a request, checked (see ``parse``); those left at
+        :data:`MODEL_DEFAULT` are the model's (:attr:`defaults`)."""
+        d = self.defaults
+        unset = lambda value: value is MODEL_DEFAULT
+        dopri5 = d.dopri5 if unset(dopri5) else dopri5
+        steps = d.steps if unset(steps) else steps
+        guidance = d.guidance if unset(guidance) else guidance
+        shift = d.shift if unset(shift) else shift
         if not isinstance(dopri5, (bool, np.bool_)):
             raise UserError(f"dopri5 must be true or false, got {_quoted(dopri5)}")
         if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
@@ -260,6 +358,8 @@ class _Demo:
         from pixelflow_jax.sampling import to_images
 
         indices = np.arange(NUM_IMAGES, dtype=np.int32)
+        if self._params is not None:  # samplers shared with another model: its weights out
+            (self.dopri5 if request.dopri5 else self.euler).set_params(self._params)
         if request.dopri5:
             samples = self.dopri5.sample(request.seed, indices, guidance=request.guidance,
                                          **conditioning)
@@ -284,6 +384,11 @@ class PixelFlowDemo(_Demo):
         optionally ``class_names.txt``).
       dtype: compute dtype name (``auto``, ``float32``, ``bfloat16``).
       attention: attention kernel (see ``sample.py --attention``).
+      share: demos whose compiled programs this one may use: the first with the same
+        network, cascade, resolution, dtype and attention (a student and its teacher)
+        lends its two samplers, and each request swaps this model's weights in
+        (``Sampler.set_params``; the weights are the programs' arguments, so nothing
+        compiles again). Its requests and the lender's then run one after another.
 
     Construction loads the weights; :meth:`warm_up` compiles. :meth:`generate`
     is safe to call from several threads: requests run one after another.
@@ -292,12 +397,12 @@ class PixelFlowDemo(_Demo):
     kind = "class"
 
     def __init__(self, ckpt_dir: str | os.PathLike, *, dtype: str = "auto",
-                 attention: str = "auto"):
+                 attention: str = "auto", share: Sequence[_Demo] = ()):
         from pixelflow_jax import runtime
         from pixelflow_jax.checkpoint import load_checkpoint
 
-        model, cfg = load_checkpoint(ckpt_dir, dtype=runtime.compute_dtype(dtype),
-                                     attention_impl=attention)
+        compute_dtype = runtime.compute_dtype(dtype)
+        model, cfg = load_checkpoint(ckpt_dir, dtype=compute_dtype, attention_impl=attention)
         p = cfg.params
         if p.cross_attention_dim is not None or p.num_classes == 0:
             raise UserError(f"{ckpt_dir} is not a class-conditional model (use "
@@ -309,7 +414,9 @@ class PixelFlowDemo(_Demo):
             key = name.casefold()
             # ImageNet repeats two names (crane, maillot): those need the class id.
             self._by_name[key] = None if key in self._by_name else i
-        self._setup(ckpt_dir, model, cfg)
+        program_key = (p, cfg.scheduler, cfg.data.resolution, np.dtype(compute_dtype).name,
+                       attention)
+        self._setup(ckpt_dir, model, cfg, program_key, share)
 
     def _compile_programs(self) -> None:
         self.euler.precompile(NUM_IMAGES, DEFAULT_STEPS)
@@ -339,22 +446,23 @@ class PixelFlowDemo(_Demo):
             raise UserError(f"class id {class_id} is outside 0..{self.num_classes - 1}")
         return class_id
 
-    def parse(self, class_: Any, *, dopri5: Any = False,
-              steps: int | Sequence[Any] = DEFAULT_STEPS, guidance: Any = DEFAULT_GUIDANCE,
-              shift: Any = DEFAULT_SHIFT, seed: Any = DEFAULT_SEED) -> DemoRequest:
+    def parse(self, class_: Any, *, dopri5: Any = MODEL_DEFAULT,
+              steps: int | Sequence[Any] = MODEL_DEFAULT, guidance: Any = MODEL_DEFAULT,
+              shift: Any = MODEL_DEFAULT, seed: Any = DEFAULT_SEED) -> DemoRequest:
         """Check a request (values as a web form or API client sends them).
 
         ``steps``: one number for every stage or exactly one per stage, each 1..100;
-        guidance 1..25; shift 1..100; seed a whole number in [0, 2^32). Raises
+        guidance 1..25; shift 1..100; seed a whole number in [0, 2^32). The solver
+        settings left out are the model's own (:attr:`defaults`). Raises
         :class:`UserError` naming the first bad field.
         """
         class_id = self.class_id(class_)
         return DemoRequest(class_id=class_id,
                            **self._settings(dopri5, steps, guidance, shift, seed))
 
-    def generate(self, class_: Any, *, dopri5: Any = False,
-                 steps: int | Sequence[Any] = DEFAULT_STEPS, guidance: Any = DEFAULT_GUIDANCE,
-                 shift: Any = DEFAULT_SHIFT, seed: Any = DEFAULT_SEED,
+    def generate(self, class_: Any, *, dopri5: Any = MODEL_DEFAULT,
+                 steps: int | Sequence[Any] = MODEL_DEFAULT, guidance: Any = MODEL_DEFAULT,
+                 shift: Any = MODEL_DEFAULT, seed: Any = DEFAULT_SEED,
                  warm_up_timeout: float | None = None) -> DemoResult:
         """Draw :data:`NUM_IMAGES` images of one class (see :meth:`parse` for the inputs).
 
@@ -434,9 +542,9 @@ class TextDemo(_Demo):
         """Compiled programs of both samplers and of the text encoder."""
         return super().num_compilations + self.encoder.num_compilations
 
-    def parse(self, prompt: Any, negative_prompt: Any = "", *, dopri5: Any = False,
-              steps: int | Sequence[Any] = DEFAULT_STEPS, guidance: Any = DEFAULT_GUIDANCE,
-              shift: Any = DEFAULT_SHIFT, seed: Any = DEFAULT_SEED) -> DemoRequest:
+    def parse(self, prompt: Any, negative_prompt: Any = "", *, dopri5: Any = MODEL_DEFAULT,
+              steps: int | Sequence[Any] = MODEL_DEFAULT, guidance: Any = MODEL_DEFAULT,
+              shift: Any = MODEL_DEFAULT, seed: Any = DEFAULT_SEED) -> DemoRequest:
         """Check a request. ``prompt``: text with something other than whitespace;
         ``negative_prompt``: text, default empty (as the official pipeline); both at
         most :data:`MAX_PROMPT_CHARS` characters. The other settings as
@@ -458,9 +566,9 @@ class TextDemo(_Demo):
         _, mask = self.encoder.tokenizer([prompt, negative_prompt], DEFAULT_MAX_LENGTH + 1)
         return tuple(name for name, m in zip(("prompt", "negative prompt"), mask) if m.all())
 
-    def generate(self, prompt: Any, negative_prompt: Any = "", *, dopri5: Any = False,
-                 steps: int | Sequence[Any] = DEFAULT_STEPS, guidance: Any = DEFAULT_GUIDANCE,
-                 shift: Any = DEFAULT_SHIFT, seed: Any = DEFAULT_SEED,
+    def generate(self, prompt: Any, negative_prompt: Any = "", *, dopri5: Any = MODEL_DEFAULT,
+                 steps: int | Sequence[Any] = MODEL_DEFAULT, guidance: Any = MODEL_DEFAULT,
+                 shift: Any = MODEL_DEFAULT, seed: Any = DEFAULT_SEED,
                  warm_up_timeout: float | None = None) -> DemoResult:
         """Draw :data:`NUM_IMAGES` images of one prompt (see :meth:`parse`).
 
@@ -519,3 +627,42 @@ def load_demo(ckpt_dir: str | os.PathLike, *, text_encoder: str | None = None,
         raise UserError(f"{ckpt_dir} is a class-conditional model: --text-encoder is only "
                         "for text-to-image checkpoints")
     return PixelFlowDemo(ckpt_dir, dtype=dtype, attention=attention)  # names a broken folder
+
+
+def embedded_models() -> dict[str, str]:
+    """The embedded models this copy of the package ships, short name -> folder, in
+    ``default_model.SHORT_NAMES`` order (the default model, ``digits``, first)."""
+    from pixelflow_jax import default_model
+
+    found = {}
+    for name in default_model.SHORT_NAMES:
+        try:
+            found[name] = default_model.embedded_checkpoint(name)
+        except UserError:  # not shipped
+            continue
+    return found
+
+
+def load_demos(ckpts: dict[str, str], *, dtype: str = "auto",
+               attention: str = "auto") -> dict[str, PixelFlowDemo]:
+    """Several class-conditional models for one page: name -> checkpoint folder in,
+    name -> :class:`PixelFlowDemo` out (loaded, not compiled), in the same order.
+    Models of one architecture share their compiled programs (``share``): a one-step
+    student beside its teacher compiles nothing more.
+
+    A text-to-image checkpoint is refused before any weights are read (it is served
+    alone, :func:`load_demo`), and so is a folder that cannot be loaded.
+    """
+    configs = {name: _peek_config(path) for name, path in ckpts.items()}
+    for name, cfg in configs.items():
+        if cfg is None:  # a missing or broken folder: loading it names the problem
+            PixelFlowDemo(ckpts[name])
+        elif cfg.params.cross_attention_dim is not None:
+            raise UserError(f"{ckpts[name]} is a text-to-image model: serve it alone "
+                            f"(app.py --ckpt {ckpts[name]}); a choice of models holds "
+                            "class-conditional models only")
+    demos: dict[str, PixelFlowDemo] = {}
+    for name, path in ckpts.items():
+        demos[name] = PixelFlowDemo(path, dtype=dtype, attention=attention,
+                                    share=list(demos.values()))
+    return demos

@@ -3,12 +3,16 @@
 The browser tests start ``app.py`` on a free loopback port and drive it with
 Playwright in Debian's Chromium (``apt-get install chromium``; Playwright's own
 browser downloads are not used). They use the embedded model when it is present,
-else a tiny random checkpoint.
+else a tiny random checkpoint, and offer it beside a stand-in one-step student: a copy
+of it whose config.yaml carries a ``sample:`` section (the model choice).
 """
 
+import dataclasses
 import io
 import itertools
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,10 +25,12 @@ from PIL import Image
 
 import app
 from conftest import ROOT
-from pixelflow_jax import init_checkpoint, runtime
+from pixelflow_jax import default_model, init_checkpoint, runtime
 from pixelflow_jax.class_names import class_names, imagenet_class_names
+from pixelflow_jax.config import SampleConfig, load_config
 from pixelflow_jax.default_model import DEFAULT_CHECKPOINT
-from pixelflow_jax.demo import NUM_IMAGES, PixelFlowDemo
+from pixelflow_jax.demo import (NUM_IMAGES, PixelFlowDemo, SamplingDefaults,
+                                embedded_models, sampling_defaults)
 from pixelflow_jax.errors import UserError
 
 CHROMIUM = "/usr/bin/chromium"
@@ -32,6 +38,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+STUDENT = "digits-1step"  # the stand-in student's folder name, its name on the page
+STUDENT_SAMPLE = "sample:\n  steps: 1\n  guidance: 1\n  solver: euler\n"
 START_TIMEOUT = 240  # seconds for the server to load, serve and compile (cold cache, 2 CPUs)
 
 
@@ -68,6 +76,18 @@ def demo_ckpt(tmp_path_factory) -> str:
     assert init_checkpoint.main([os.path.join(ROOT, "configs", "pixelflow_tiny_c2i.yaml"),
                                  str(path)]) == 0
     (path / "class_names.txt").write_text("\n".join(DIGITS) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def student_ckpt(demo_ckpt, tmp_path_factory) -> str:
+    """The demo model as a one-step student would ship: its copy, with a ``sample:``
+    section (the student's sampling defaults) in its config.yaml."""
+    path = tmp_path_factory.mktemp("student") / STUDENT
+    shutil.copytree(demo_ckpt, path)
+    config = (path / "config.yaml").read_text()
+    assert "\nsample:" not in config
+    (path / "config.yaml").write_text(config + STUDENT_SAMPLE)
     return str(path)
 
 
@@ -159,6 +179,86 @@ def test_generate_waits_for_warm_up(demo_ckpt):
         cold.generate(1, warm_up_timeout=0.01)
 
 
+def test_each_model_has_its_sampling_defaults(demo, student_ckpt):
+    S = demo.num_stages
+    assert demo.defaults == SamplingDefaults(dopri5=False, steps=(10,) * S, guidance=4.0,
+                                             shift=1.0, carried=False)
+    assert demo.parse(3).steps == (10,) * S and demo.parse(3).guidance == 4
+    student = PixelFlowDemo(student_ckpt)  # loads; compiles nothing
+    assert student.defaults == SamplingDefaults(dopri5=False, steps=(1,) * S, guidance=1.0,
+                                                shift=1.0, carried=True)
+    r = student.parse(3)  # a request leaving the settings out gets the student's
+    assert (r.steps, r.guidance, r.dopri5) == ((1,) * S, 1.0, False)
+    assert student.parse(3, steps=5, guidance=2).steps == (5,) * S  # given values win
+    assert f"its default settings (config.yaml): Euler {'+'.join(['1'] * S)} steps, shift 1, " \
+        "guidance 1" in app.describe_model(student)
+    assert "default settings" not in app.describe_model(demo)
+    # What the page's controls cannot show is fitted to them; a wrong length is named.
+    cfg = load_config(os.path.join(student_ckpt, "config.yaml"))
+    odd = dataclasses.replace(cfg, sample=SampleConfig(steps=[1, 2, 300][:S], guidance=0,
+                                                       solver="dopri5", shift=500))
+    assert sampling_defaults(odd, S) == SamplingDefaults(
+        dopri5=True, steps=(1, 2, 100)[:S], guidance=1.0, shift=100.0, carried=True)
+    with pytest.raises(UserError, match=rf"^CKPT: config.yaml's sample.steps gives {S + 1} "
+                                        rf"step counts for a model of {S} stages"):
+        sampling_defaults(dataclasses.replace(cfg, sample=SampleConfig(steps=[2] * (S + 1))),
+                          S, "CKPT")
+
+
+def test_a_student_runs_its_teachers_programs(demo, student_ckpt):
+    """Models of one network share the two compiled programs; each draws with its own
+    weights, swapped in per request."""
+    import jax
+
+    student = PixelFlowDemo(student_ckpt, share=[demo])
+    assert student.euler is demo.euler and student.shares_programs_of is demo
+    student._params = jax.tree.map(lambda a: a * 0.9, student._params)  # other weights
+    assert student.warm_up() < 1 and student.ready
+    before = demo.generate(3, steps=1, guidance=1)
+    mine = student.generate(3)  # its defaults: one unguided step per stage
+    assert mine.request.steps == before.request.steps and mine.evaluations == demo.num_stages
+    assert not np.array_equal(mine.images, before.images)
+    np.testing.assert_array_equal(demo.generate(3, steps=1, guidance=1).images, before.images)
+    assert demo.num_compilations == student.num_compilations == 2
+
+
+def test_model_choice_lists_the_embedded_models(monkeypatch, tmp_path, capsys, demo_ckpt,
+                                                 student_ckpt):
+    """No --ckpt: every embedded model shipped (the student only once it is there);
+    --models and --ckpt take short names and folders."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "digits").symlink_to(demo_ckpt)
+    monkeypatch.setattr(default_model, "WEIGHTS", str(weights))
+    monkeypatch.chdir(tmp_path)  # no ./digits folder to stand in for the short name
+    teacher = str(weights / "digits")
+    assert embedded_models() == app.model_folders(None, None) == {"digits": teacher}
+    with pytest.raises(UserError, match=r"'digits-1step' \(the embedded one-step digits "
+                                        r"student\) is not shipped"):
+        app.model_folders(None, ["digits", "digits-1step"])
+    assert app.main(["--ckpt", "digits-1step", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not shipped with this copy" in err
+
+    (weights / STUDENT).symlink_to(student_ckpt)
+    student = str(weights / STUDENT)
+    assert list(app.model_folders(None, None).items()) == [("digits", teacher),
+                                                           (STUDENT, student)]
+    assert list(app.model_folders(None, [STUDENT, "digits"])) == [STUDENT, "digits"]
+    assert app.model_folders(STUDENT, None) == {STUDENT: student}
+    # Folders go by their last component, by their path when two share it.
+    assert app.model_folders(None, [student_ckpt, "digits"]) == {
+        STUDENT: student_ckpt, "digits": teacher}
+    (tmp_path / "b" / "digits").mkdir(parents=True)  # only names are read
+    assert app.model_folders(None, ["digits", "b/digits"]) == {"digits": teacher,
+                                                                "b/digits": "b/digits"}
+    with pytest.raises(UserError, match=f"--models: {re.escape(student_ckpt)} is given "
+                                        rf"twice \(as {STUDENT}\)"):
+        app.model_folders(None, [STUDENT, student_ckpt])
+    with pytest.raises(UserError, match="give --ckpt .* or --models .*, not both"):
+        app.model_folders("digits", ["digits"])
+
+
 # ---------------------------------------------------------------------- command line
 
 def test_cli_usage_errors(capsys, tmp_path, demo_ckpt):
@@ -189,13 +289,15 @@ def free_port() -> int:
 class Server:
     """``app.py`` in a subprocess, its output in a log file."""
 
-    def __init__(self, ckpt: str, log_path):
+    def __init__(self, ckpt: str | list[str], log_path):
+        """``ckpt``: one checkpoint (--ckpt), or a list of them (--models)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = log_path
         self._log = open(log_path, "w")
+        models = ["--ckpt", ckpt] if isinstance(ckpt, str) else ["--models", *ckpt]
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "app.py"), "--ckpt", ckpt, "--port",
+            [sys.executable, os.path.join(ROOT, "app.py"), *models, "--port",
              str(self.port)], cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
@@ -226,9 +328,10 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(demo_ckpt, demo, tmp_path_factory):
-    # `demo` first: its compilations fill the cache the server then reads.
-    srv = Server(demo_ckpt, tmp_path_factory.mktemp("server") / "app.log")
+def server(demo_ckpt, student_ckpt, demo, tmp_path_factory):
+    # `demo` first: its compilations fill the cache the server then reads (the student's
+    # programs are the same programs: the weights are their arguments).
+    srv = Server([demo_ckpt, student_ckpt], tmp_path_factory.mktemp("server") / "app.log")
     try:
         srv.wait_serving(START_TIMEOUT)
         yield srv
@@ -274,10 +377,15 @@ def wait_ready(page) -> None:
     page.wait_for_selector("#generate:not([disabled])", timeout=START_TIMEOUT * 1000)
 
 
-def choose_class(page, label: str) -> None:
-    page.get_by_role("combobox", name="Class").click()
+def choose(page, name: str, label: str) -> None:
+    """Pick ``label`` in the drop-down ``name`` (Class, Model)."""
+    page.get_by_role("combobox", name=name).click()
     page.get_by_role("option", name=label, exact=True).click()
-    assert page.get_by_role("combobox", name="Class").input_value() == label
+    assert page.get_by_role("combobox", name=name).input_value() == label
+
+
+def choose_class(page, label: str) -> None:
+    choose(page, "Class", label)
 
 
 def wait_images(page, resolution: int) -> list[np.ndarray]:
@@ -336,6 +444,33 @@ def test_page_generates_four_images(server, browser, demo, tmp_path):
         target = os.path.abspath(os.environ["PIXELFLOW_SCREENSHOT"])
         os.makedirs(os.path.dirname(target), exist_ok=True)
         page.screenshot(path=target, full_page=True)
+
+    # The model choice: the student brings its own settings, and the page shows what its
+    # requests cost.
+    S = demo.num_stages
+    assert page.get_by_role("combobox", name="Model").input_value() == \
+        os.path.basename(demo.ckpt_dir)
+    choose(page, "Model", STUDENT)
+    page.wait_for_function("document.querySelector('#steps1 input[type=number]').value == '1'")
+    for s in range(S):
+        assert page.locator(f"#steps{s + 1} input[type=number]").input_value() == "1"
+    assert float(page.locator("#guidance input[type=number]").input_value()) == 1
+    assert STUDENT in page.locator("#heading").inner_text()
+    assert page.get_by_role("combobox", name="Class").input_value() == label  # kept
+    page.locator("#generate").click()
+    page.wait_for_function(f"document.querySelector('#status').innerText.includes("
+                           f"'from {STUDENT} in')", timeout=120_000)
+    images = wait_images(page, demo.resolution)
+    status = page.locator("#status").inner_text()
+    one_step = r"\+".join(["1"] * S)
+    assert re.search(rf"of {demo.names[7]} \(class 7\) from {STUDENT} in \d+\.\d\d s: "
+                     rf"Euler {one_step} steps, shift 1, guidance 1, seed 42; "
+                     rf"{S} velocity evaluations per image; compiled programs: 2", status), status
+    # The stand-in student is the teacher's weights: its images are the teacher's at
+    # one unguided step per stage.
+    want = demo.generate(7, steps=[1] * S, guidance=1).images
+    for got, ref in zip(images, want):
+        np.testing.assert_array_equal(got, ref if ref.shape[-1] == 3 else ref.repeat(3, -1))
     assert outside == [], f"the page tried to reach other machines: {outside}"
     page.context.close()
 
@@ -346,12 +481,16 @@ def test_bad_input_gets_a_readable_error(server, browser, demo):
 
     S = demo.num_stages
     client = Client(server.url, verbose=False)
+    teacher = os.path.basename(demo.ckpt_dir)
 
-    def call(class_=3, dopri5=False, shift=1, guidance=4, seed=42, steps=None):
+    def call(class_=3, dopri5=False, shift=1, guidance=4, seed=42, steps=None, model=teacher):
         steps = [10] * S if steps is None else steps
-        return client.predict(class_, dopri5, shift, guidance, seed, *steps,
+        return client.predict(model, class_, dopri5, shift, guidance, seed, *steps,
                               api_name="/generate")
 
+    with pytest.raises(AppError, match=f"unknown model 'nope': choose one of {teacher}, "
+                                       f"{STUDENT}"):
+        call(model="nope")
     with pytest.raises(AppError, match="steps of stage 1 must be between 1 and 100, got 0"):
         call(steps=[0] + [10] * (S - 1))
     with pytest.raises(AppError, match=r"class id 12 is outside 0\.\.9"):
