@@ -59,7 +59,7 @@ CSS = "#samples img { image-rendering: pixelated; }"
 def build_parser() -> argparse.ArgumentParser:
     """app.py's flags."""
     p = cli.Parser(prog="app.py", doc=__doc__)
-    cli.add_ckpt(p)
+    cli.add_ckpt(p, default="without --ckpt or --models the page offers every embedded model")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME_OR_DIR",
                    help="class-conditional checkpoints to offer in a Model drop-down, each a "
                         "folder or a short name (digits, digits-1step); the first is shown "

@@ -138,14 +138,15 @@ def positive_int_list(text: str) -> list[int]:
 # --------------------------------------------------------------------------- shared flags
 
 
-def add_ckpt(parser: argparse.ArgumentParser) -> None:
-    """``--ckpt DIR`` (sample.py, app.py): default the embedded digits model."""
+def add_ckpt(parser: argparse.ArgumentParser,
+             default: str = "the default") -> None:
+    """``--ckpt DIR`` (sample.py, app.py, reflow); ``default`` says what its absence means."""
     parser.add_argument(
         "--ckpt", metavar="DIR", default=None,
         help="checkpoint folder (config.yaml + params/, optionally class_names.txt) written "
              "by this project or by convert_torch.py, or a short name: digits (the embedded "
              "model, a small PixelFlow trained on handwritten digits, "
-             "pixelflow_jax/weights/digits; the default) or digits-1step (its one-step "
+             f"pixelflow_jax/weights/digits; {default}) or digits-1step (its one-step "
              "student, pixelflow_jax/weights/digits-1step)")
 
 
