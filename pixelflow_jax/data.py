@@ -280,7 +280,38 @@ def augment(raw: bytes, resolution: int, expand_ratio: float, center_crop_: bool
 # --------------------------------------------------------------------------- loader
 
 
-class Loader:
+class PrefetchingLoader:
+    """What every prefetching loader shares: a thread pool (``_pool``, None when
+    synchronous) filling ``_queue``; ``close`` and the context manager stop it."""
+
+    _pool: concurrent.futures.ThreadPoolExecutor | None
+    _queue: collections.deque
+    _closed: bool
+
+    def close(self) -> None:
+        """Stop the worker threads; queued work is cancelled."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __del__(self) -> None:
+        # An unclosed loader must not keep reading into a queue nobody reads.
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Loader(PrefetchingLoader):
     """An infinite, deterministic, resumable stream of augmented batches for one host.
 
     Epoch ``e`` visits ``default_rng([seed, e]).permutation(len(source))[p::P]`` in
@@ -393,26 +424,6 @@ class Loader:
         return {"images": np.stack(images), "labels": np.asarray(labels, np.int32),
                 "indices": np.asarray(indices, np.int64)}
 
-    def close(self) -> None:
-        """Stop the worker threads; queued work is cancelled."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __del__(self) -> None:
-        # Unclosed loaders must not keep decoding into a queue nobody reads.
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-    def __enter__(self) -> "Loader":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def __iter__(self) -> "Loader":
         return self

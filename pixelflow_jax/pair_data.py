@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from pixelflow_jax.data import PrefetchingLoader
 from pixelflow_jax.errors import UserError
 
 
-class PairLoader:
+class PairLoader(PrefetchingLoader):
     """An infinite, deterministic, resumable stream of pair batches for one host.
 
     Args:
@@ -90,28 +91,6 @@ class PairLoader:
             self._epoch, self._pos = self._epoch + 1, 0
         self._fill()
         return batch
-
-    def close(self) -> None:
-        """Stop the reader thread; queued work is cancelled."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-
-    def __del__(self) -> None:
-        # An unclosed loader must not keep reading into a queue nobody reads.
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-    def __enter__(self) -> "PairLoader":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     # -- internals
 
